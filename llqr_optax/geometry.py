@@ -1,0 +1,286 @@
+"""Geometries: matrix-free curvature products on parameter pytrees.
+
+Every geometry is a positive (semi-)definite quadratic form on the parameter
+step. Except Newton, each is a metric ``Q`` on the model's outputs pulled back
+through the Jacobian ``J`` of ``apply_fn``:
+
+.. math::
+
+   C v = J^\\top Q\\, J v, \\qquad (C + \\lambda I) v = J^\\top Q J v + \\lambda v,
+
+computed as one ``jax.jvp`` (the forward rollout ``δx``), the output-space
+product ``Q``, and one ``jax.vjp`` (the costate sweep). ``C`` is never formed.
+
+=====================  =========================================================
+geometry               output-space metric ``Q``
+=====================  =========================================================
+``"ggn"``              ``∇²_z ℓ(z, t)``, the Gauss-Newton matrix
+``"fisher"``           Fisher of the predictive distribution (exact)
+``"mc_fisher"``        Fisher from labels sampled from the model
+``"empirical_fisher"``  per-event outer products of the observed gradients
+``"renyi"``            ``∇²_{z'} D_α(p_z ‖ p_{z'})`` at ``z' = z``
+``"reverse_kl"``       ``∇²_{z'} KL(p_{z'} ‖ p_z)`` at ``z' = z``
+``"newton"``           none: the full Hessian ``∇²_θ ℓ(f(θ), t)`` (``jvp`` of
+                       ``grad``)
+=====================  =========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from llqr_optax import losses as losses_lib
+
+Array = jax.Array
+PyTree = Any
+
+GEOMETRIES = ("ggn", "fisher", "mc_fisher", "empirical_fisher", "newton",
+              "renyi", "reverse_kl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """A geometry by name, with its options.
+
+  Attributes:
+    name: one of :data:`GEOMETRIES`.
+    alpha: the Rényi order (``name="renyi"`` only), ``α > 0``, ``α ≠ 1``.
+    num_samples: labels drawn per event (``name="mc_fisher"`` only).
+
+  Example:
+    >>> Geometry("renyi", alpha=0.5).name
+    'renyi'
+  """
+
+  name: str = "ggn"
+  alpha: float = 0.5
+  num_samples: int = 1
+
+  def __post_init__(self):
+    if self.name not in GEOMETRIES:
+      raise ValueError(
+          f"geometry={self.name!r} is unknown; choose one of {list(GEOMETRIES)}.")
+    if self.name == "renyi" and (not self.alpha > 0 or self.alpha == 1):
+      raise ValueError(
+          f"alpha={self.alpha!r} is not a valid Rényi order: it needs alpha > 0 "
+          "and alpha != 1 (alpha = 1 is the KL divergence: use geometry='fisher').")
+    if int(self.num_samples) != self.num_samples or self.num_samples < 1:
+      raise ValueError(
+          f"num_samples={self.num_samples!r} must be a positive integer.")
+
+  @property
+  def needs_key(self) -> bool:
+    return self.name == "mc_fisher"
+
+
+GeometryLike = Union[str, Geometry]
+
+
+def get_geometry(geometry: GeometryLike) -> Geometry:
+  """Resolves a name or a :class:`Geometry`.
+
+  Example:
+    >>> get_geometry("fisher")
+    Geometry(name='fisher', alpha=0.5, num_samples=1)
+  """
+  if isinstance(geometry, Geometry):
+    return geometry
+  if isinstance(geometry, str):
+    return Geometry(geometry)
+  raise ValueError(
+      f"geometry={geometry!r} is neither a name nor a Geometry; pass one of "
+      f"{list(GEOMETRIES)}.")
+
+
+def check_damping(damping, *, allow_zero: bool = True, name: str = "damping"):
+  """Raises ``ValueError`` for a negative (or, if not allowed, zero) damping."""
+  if isinstance(damping, (int, float)):
+    if damping < 0 or (damping == 0 and not allow_zero) or damping != damping:
+      need = ">= 0" if allow_zero else "> 0 (the problem is singular without it)"
+      raise ValueError(f"{name}={damping!r} is invalid: it must be {need}; "
+                       "a typical value is 1e-3.")
+
+
+def _output_hvp(fn: Callable[[Array], Array], z: Array) -> Callable[[Array], Array]:
+  """``v -> ∇²fn(z) v`` by forward-over-reverse autodiff."""
+  _, hvp = jax.linearize(jax.grad(fn), z)
+  return hvp
+
+
+def _per_event_outer(loss: losses_lib.Loss, grads: Array, scale: float):
+  """``v -> scale · Σ_e g_e (g_e · v_e)`` for event gradients stacked in ``grads``."""
+  ndim = grads.ndim - 1 if loss.event_ndim is None else loss.event_ndim
+  axes = tuple(range(grads.ndim - ndim, grads.ndim))
+
+  def product(v):
+    dots = jnp.sum(grads * v, axis=axes, keepdims=True)
+    return scale * grads * dots
+  return product
+
+
+def output_metric(geometry: GeometryLike, loss: losses_lib.LossLike,
+                  outputs: Array, targets: Any = None, *,
+                  key: Optional[Array] = None) -> Callable[[Array], Array]:
+  """The output-space metric ``Q`` of a geometry, as a product ``v -> Q v``.
+
+  For ``"newton"`` this is the output Hessian ``∇²_z ℓ``, the terminal cost of
+  the LQR problem; the stage costs come from :func:`linearize`'s Hessian.
+
+  Args:
+    geometry: a name or :class:`Geometry`.
+    loss: a loss name, :class:`~llqr_optax.losses.Loss` or callable.
+    outputs: the model's outputs ``z``.
+    targets: the targets (needed by ``"ggn"``, ``"newton"`` and
+      ``"empirical_fisher"``).
+    key: a PRNG key (``"mc_fisher"`` only).
+
+  Returns:
+    A linear function on arrays shaped like ``outputs``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> q = output_metric("fisher", "squared_error", jnp.zeros(4))
+    >>> q(jnp.ones(4))  # I / n with n = 4
+    Array([0.25, 0.25, 0.25, 0.25], dtype=float32)
+  """
+  geometry = get_geometry(geometry)
+  loss = losses_lib.get_loss(loss)
+  name = geometry.name
+  if name in ("ggn", "newton", "empirical_fisher"):
+    if targets is None:
+      raise ValueError(f"geometry={name!r} needs targets; pass targets=... "
+                       "(the labels of the batch).")
+    loss.check and loss.check(outputs, targets)
+  if name in ("ggn", "newton"):
+    return _output_hvp(lambda z: loss.fn(z, targets), outputs)
+  if name == "fisher":
+    losses_lib.fisher_product(loss, outputs, outputs)  # early error if no distribution
+    return lambda v: losses_lib.fisher_product(loss, outputs, v)
+  n = loss.num_events(outputs)
+  if name == "empirical_fisher":
+    g = jax.grad(loss.fn)(outputs, targets)
+    return _per_event_outer(loss, g, float(n))
+  if name == "mc_fisher":
+    if key is None:
+      raise ValueError("geometry='mc_fisher' needs a PRNG key; pass key=jax.random.key(0).")
+    keys = jax.random.split(key, geometry.num_samples)
+    grads = jax.vmap(lambda k: jax.grad(loss.fn)(
+        outputs, losses_lib.sample_targets(loss, k, outputs)))(keys)
+    products = [_per_event_outer(loss, grads[s], n / geometry.num_samples)
+                for s in range(geometry.num_samples)]
+    return lambda v: sum(p(v) for p in products)
+  # Divergences: Hessian in the second argument at equality.
+  p_out = jax.lax.stop_gradient(outputs)
+  losses_lib.divergence(loss, name, geometry.alpha, p_out, p_out)  # early error
+  return _output_hvp(
+      lambda q: losses_lib.divergence(loss, name, geometry.alpha, p_out, q), p_out)
+
+
+def _tree_axpy(a, x, y):
+  return jax.tree.map(lambda xi, yi: a * xi.astype(yi.dtype) + yi, x, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linearization:
+  """A model linearised once, for many curvature products.
+
+  Attributes:
+    outputs: ``apply_fn(params)``.
+    jvp: ``δθ -> J δθ`` (the forward rollout of the layer dynamics).
+    vjp: ``δz -> Jᵀ δz`` (the costate sweep).
+    metric: the output-space metric ``Q``.
+    hvp: for Newton, ``δθ -> ∇²_θ ℓ δθ``; otherwise ``None``.
+  """
+
+  outputs: Array
+  jvp: Callable[[PyTree], Array]
+  vjp: Callable[[Array], PyTree]
+  metric: Callable[[Array], Array]
+  hvp: Optional[Callable[[PyTree], PyTree]] = None
+
+  def matvec(self, v: PyTree, damping: Union[float, Array] = 0.0) -> PyTree:
+    """``(C + λI) v`` for a params-shaped ``v``."""
+    cv = self.hvp(v) if self.hvp is not None else self.vjp(self.metric(self.jvp(v)))
+    return _tree_axpy(damping, v, cv)
+
+
+def linearize(apply_fn: Callable[[PyTree], Array], params: PyTree,
+              targets: Any = None, *, loss: losses_lib.LossLike,
+              geometry: GeometryLike = "ggn",
+              key: Optional[Array] = None) -> Linearization:
+  """Linearises ``apply_fn`` at ``params`` for repeated curvature products.
+
+  The forward pass runs once; every later :meth:`Linearization.matvec` costs one
+  linear forward (``jvp``) and one transposed pass (``vjp``).
+
+  Args:
+    apply_fn: ``apply_fn(params) -> outputs``, closing over the inputs.
+    params: the parameter pytree.
+    targets: the targets of the batch.
+    loss: a loss name, :class:`~llqr_optax.losses.Loss` or callable.
+    geometry: a name or :class:`Geometry`.
+    key: a PRNG key for ``"mc_fisher"``.
+
+  Returns:
+    A :class:`Linearization`.
+  """
+  geometry = get_geometry(geometry)
+  loss = losses_lib.get_loss(loss)
+  outputs, jvp = jax.linearize(apply_fn, params)
+  transpose = jax.linear_transpose(jvp, params)
+  vjp = lambda ct: transpose(ct)[0]
+  metric = output_metric(geometry, loss, outputs, targets, key=key)
+  hvp = None
+  if geometry.name == "newton":
+    total = lambda p: loss.fn(apply_fn(p), targets)
+    _, hvp = jax.linearize(jax.grad(total), params)
+  return Linearization(outputs, jvp, vjp, metric, hvp)
+
+
+def curvature_product(apply_fn: Callable[[PyTree], Array], params: PyTree,
+                      targets: Any = None, *, loss: losses_lib.LossLike,
+                      geometry: GeometryLike = "ggn",
+                      damping: Union[float, Array] = 0.0,
+                      key: Optional[Array] = None) -> Callable[[PyTree], PyTree]:
+  """The damped curvature product ``v -> (C + λI) v`` of a geometry.
+
+  .. math::
+
+     (C + \\lambda I) v = J^\\top Q J v + \\lambda v
+     \\quad\\text{or, for Newton,}\\quad
+     \\nabla^2_\\theta \\ell\\, v + \\lambda v.
+
+  Args:
+    apply_fn: ``apply_fn(params) -> outputs``, closing over the inputs.
+    params: the parameter pytree at which ``C`` is taken.
+    targets: the batch's targets.
+    loss: a loss name, :class:`~llqr_optax.losses.Loss` or callable.
+    geometry: a name or :class:`Geometry` (see the module table).
+    damping: ``λ ≥ 0``.
+    key: a PRNG key for ``"mc_fisher"``.
+
+  Returns:
+    A jit-compatible linear function on params-shaped pytrees.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.ones((4, 3))
+    >>> apply_fn = lambda w: x @ w
+    >>> cvp = curvature_product(apply_fn, jnp.zeros((3, 2)), jnp.zeros((4, 2)),
+    ...                         loss="squared_error", damping=1.0)
+    >>> cvp(jnp.ones((3, 2)))  # Jᵀ J / n + I, n = 8
+    Array([[2.5, 2.5],
+           [2.5, 2.5],
+           [2.5, 2.5]], dtype=float32)
+
+  References:
+    Dufort-Labbé et al., *Layerwise LQR for Geometry-Aware Optimization of
+    Deep Networks*, arXiv:2605.04230 (2026).
+  """
+  check_damping(damping)
+  lin = linearize(apply_fn, params, targets, loss=loss, geometry=geometry, key=key)
+  return lambda v: lin.matvec(v, damping)
