@@ -1,11 +1,27 @@
 """llqr-optax: Layerwise LQR preconditioning for optax.
 
-The geometry (matrix-free curvature products), the exact LQR reference, the
-structured preconditioners, their fitting, and the optax transform.
+The package is laid out as the method is:
+
+- :mod:`llqr_optax.losses`, :mod:`llqr_optax.geometry`: the geometry, as
+  matrix-free curvature products on parameter pytrees;
+- :mod:`llqr_optax.exact`: the exact layerwise LQR reference (Riccati), with
+  dense and conjugate-gradient solves;
+- :mod:`llqr_optax.structures`: structured inverse preconditioners per leaf;
+- :mod:`llqr_optax.fitting`: the LQR objective and its inner solvers;
+- :mod:`llqr_optax.transform`: the optax transform.
 """
 
-from llqr_optax import losses
-from llqr_optax.geometry import Geometry, curvature_product, linearize, output_metric
+from llqr_optax import fitting, losses, structures
+from llqr_optax.geometry import (GEOMETRIES, Geometry, curvature_product,
+                                 linearize, output_metric)
 from llqr_optax.losses import Loss
+from llqr_optax.structures import STRUCTURES
+from llqr_optax.transform import (LLQRState, find_state, llqr, precondition,
+                                  scale_by_llqr)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GEOMETRIES", "Geometry", "LLQRState", "Loss", "STRUCTURES",
+    "curvature_product", "find_state", "fitting", "linearize", "llqr", "losses",
+    "output_metric", "precondition", "scale_by_llqr", "structures"]

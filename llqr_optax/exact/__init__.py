@@ -1,0 +1,31 @@
+"""The exact layerwise-LQR reference: dense Riccati steps and direct solves.
+
+For small models, the exact damped step :math:`-(C + \\lambda I)^{-1} g` of a
+geometry, computed two independent ways:
+
+- :func:`exact_step` (:func:`lqr_problem` then :func:`riccati_step`): the
+  layerwise LQR problem over a :class:`Sequential` chain of layers, solved by
+  the backward Riccati recursion and a forward rollout;
+- :func:`dense_step` / :func:`cg_step`: any ``apply_fn(params)``, the curvature
+  materialised and solved directly, or solved matrix-free by CG.
+"""
+
+from llqr_optax.exact.layers import Sequential, as_sequential, from_flax_sequential
+from llqr_optax.exact.riccati import (LQRProblem, exact_step,
+                                      intermediate_curvature, lqr_problem,
+                                      riccati_step)
+from llqr_optax.exact.solve import cg_step, dense_curvature, dense_step
+
+__all__ = [
+    "LQRProblem",
+    "Sequential",
+    "as_sequential",
+    "cg_step",
+    "dense_curvature",
+    "dense_step",
+    "exact_step",
+    "from_flax_sequential",
+    "intermediate_curvature",
+    "lqr_problem",
+    "riccati_step",
+]

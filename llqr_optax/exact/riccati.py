@@ -1,0 +1,450 @@
+"""The exact layerwise-LQR step: dense Riccati recursion over a layer chain.
+
+Linearising a chain ``x_{i+1} = f_i(θ_i, x_i)`` at the current parameters gives
+the dynamics
+
+.. math::
+
+   \\delta x_{i+1} = A_i\\, \\delta x_i + B_i\\, \\delta\\theta_i, \\qquad
+   A_i = \\partial f_i / \\partial x_i, \\quad
+   B_i = \\partial f_i / \\partial \\theta_i, \\qquad \\delta x_0 = 0,
+
+and every geometry's quadratic model of the step is the LQR cost
+
+.. math::
+
+   J(\\delta\\theta) = \\sum_i \\tfrac12 \\big[\\delta x_i^\\top Q_i \\delta x_i
+     + 2\\, \\delta\\theta_i^\\top M_i \\delta x_i
+     + \\delta\\theta_i^\\top R_i \\delta\\theta_i\\big]
+     + a^\\top \\delta x_N + \\tfrac12\\, \\delta x_N^\\top Q_N \\delta x_N .
+
+Its stationary point, found by the backward Riccati recursion and a forward
+rollout, is exactly the damped step :math:`-(C + \\lambda I)^{-1} g` of the
+matching curvature ``C``. The state ``δx_i`` is the whole flattened batch, so
+``K_i`` is ``(batch·width)²``: this is a reference for small models, used to
+check the matrix-free solvers and to score approximations.
+
+The input ``x_0`` is never perturbed, so its state has dimension 0: ``A_0``,
+``Q_0`` and ``M_0`` are stored with a zero-size state axis, and the input may be
+any array (integer token ids included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from llqr_optax import geometry as geometry_lib
+from llqr_optax import losses as losses_lib
+from llqr_optax.exact import _checks
+from llqr_optax.exact import layers as layers_lib
+
+Array = jax.Array
+PyTree = Any
+Intermediate = Optional[Mapping[int, Union[float, Array]]]
+
+
+class LQRProblem(NamedTuple):
+  """The dense LQR problem of one batch; index ``i`` is layer ``i``.
+
+  With ``n_i`` the size of the flattened batch state ``x_i`` (``n_0 = 0``: the
+  input is not perturbed) and ``m_i`` the number of parameters of layer ``i``:
+
+  Attributes:
+    A: ``A[i]`` of shape ``(n_{i+1}, n_i)``, the state Jacobian.
+    B: ``B[i]`` of shape ``(n_{i+1}, m_i)``, the parameter Jacobian (``m_i = 0``
+      for a layer without parameters: no control).
+    Q: ``Q[i]`` of shape ``(n_i, n_i)``, the stage state cost (Newton's
+      Hamiltonian Hessian plus the intermediate metric; else zero).
+    M: ``M[i]`` of shape ``(m_i, n_i)``, the stage cross cost.
+    R: ``R[i]`` of shape ``(m_i, m_i)``, the stage control cost, damping
+      included.
+    Q_N: ``(n_N, n_N)``, the geometry's output metric on the flattened outputs.
+    a: ``(n_N,)``, the loss gradient in the flattened outputs.
+    unravel: ``unravel[i]`` maps a flat vector of length ``m_i`` back to layer
+      ``i``'s parameter pytree.
+    damping: the ``λ`` added to every ``R[i]``.
+  """
+
+  A: List[Array]
+  B: List[Array]
+  Q: List[Array]
+  M: List[Array]
+  R: List[Array]
+  Q_N: Array
+  a: Array
+  unravel: Tuple[Callable[[Array], PyTree], ...]
+  damping: Union[float, Array]
+
+
+def _sym(m: Array) -> Array:
+  return 0.5 * (m + m.T)
+
+
+def _jacobian(fn, argnums, n_in: int, n_out: int):
+  """Forward mode when the inputs are fewer than the outputs, else reverse."""
+  if n_in <= n_out:
+    return jax.jacfwd(fn, argnums=argnums)
+  return jax.jacrev(fn, argnums=argnums)
+
+
+def _materialise(linear_fn: Callable[[Array], Array], size: int, dtype) -> Array:
+  """The dense symmetric matrix of a symmetric linear map on flat vectors."""
+  columns = jax.vmap(linear_fn)(jnp.eye(size, dtype=dtype))
+  return _sym(columns.T)
+
+
+def check_intermediate(intermediate: Intermediate, sizes: Sequence[int]) -> Dict[int, Union[float, Array]]:
+  """Validates an intermediate-layer metric against the state sizes.
+
+  Args:
+    intermediate: ``None`` or ``{i: beta_i}`` (a scalar ``β_i ≥ 0``: ``β_i I``
+      on the flattened state ``x_i``) or ``{i: W_i}`` (a dense PSD matrix of
+      shape ``(n_i, n_i)``), for ``i`` in ``1..N-1``.
+    sizes: ``[n_0, ..., n_N]``, the flattened batch-state sizes.
+
+  Returns:
+    The metric as a plain ``dict``.
+  """
+  if intermediate is None:
+    return {}
+  if not isinstance(intermediate, Mapping):
+    raise ValueError(
+        f"intermediate={intermediate!r} is not a mapping; pass e.g. "
+        "{1: 0.1} to add 0.1·I on the input state of layer 1.")
+  num_layers = len(sizes) - 1
+  out = {}
+  for i, metric in intermediate.items():
+    if (isinstance(i, bool) or not isinstance(i, int)
+        or not 1 <= i <= num_layers - 1):
+      valid = (f"1..{num_layers - 1}" if num_layers > 1
+               else "none: a single-layer model has no intermediate state")
+      raise ValueError(
+          f"intermediate key {i!r} is not a valid layer index: the metric acts "
+          f"on x_i, the input of layer i, for i in {valid} (x_0 is the input "
+          f"batch and x_{num_layers} the outputs, whose metric is the "
+          "geometry's). Use one of those keys.")
+    shape = jnp.shape(metric)
+    if shape == ():
+      if isinstance(metric, (int, float)) and not metric >= 0:
+        raise ValueError(
+            f"intermediate[{i}]={metric!r} is negative; the metric weight "
+            "beta_i must be >= 0.")
+    elif tuple(shape) != (sizes[i], sizes[i]):
+      raise ValueError(
+          f"intermediate[{i}] has shape {tuple(shape)} but the flattened state "
+          f"x_{i} has size {sizes[i]}; pass a scalar beta or a "
+          f"({sizes[i]}, {sizes[i]}) matrix.")
+    out[i] = metric
+  return out
+
+
+def _apply_metric(metric, dx: Array) -> Array:
+  if jnp.ndim(metric) == 0:
+    return metric * dx
+  return (metric @ dx.reshape(-1)).reshape(dx.shape)
+
+
+def intermediate_curvature(model, params_list: Sequence[PyTree], inputs: Array,
+                           intermediate: Intermediate) -> Callable[[PyTree], PyTree]:
+  """The intermediate metric's curvature, matrix-free, on ``params_list``.
+
+  .. math::
+
+     C_{\\text{int}}\\, v = \\sum_i J_i^\\top W_i J_i\\, v,
+
+  with ``J_i`` the Jacobian of the flattened state ``x_i`` in all parameters and
+  ``W_i = β_i I`` or the given matrix. Adding it to a dense or CG solve
+  (``extra_curvature=``) gives the step the Riccati recursion computes with
+  ``intermediate=``.
+
+  Args:
+    model: a :class:`~llqr_optax.exact.Sequential`.
+    params_list: one params pytree per layer.
+    inputs: the input batch ``x_0``.
+    intermediate: ``{i: beta_i or W_i}`` as in :func:`lqr_problem`.
+
+  Returns:
+    A linear function on pytrees shaped like ``params_list``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax.exact import Sequential
+    >>> model = Sequential((lambda w, x: x * w, lambda w, x: x * w))
+    >>> cvp = intermediate_curvature(model, [2.0, 3.0], jnp.ones(1), {1: 0.5})
+    >>> [float(c) for c in cvp([1.0, 1.0])]  # x_1 = w_0 x_0: 0.5 · 1 · 1
+    [0.5, 0.0]
+  """
+  model = layers_lib.as_sequential(model)
+  xs = model.activations(params_list, inputs)
+  metric = check_intermediate(intermediate, [0] + [x.size for x in xs[1:]])
+  keys = sorted(metric)
+  params_list = list(params_list)
+
+  def states(ps):
+    acts = model.activations(ps, inputs)
+    return [acts[i] for i in keys]
+
+  _, jvp = jax.linearize(states, params_list)
+  transpose = jax.linear_transpose(jvp, params_list)
+
+  def product(v):
+    dxs = jvp(list(v))
+    return transpose([_apply_metric(metric[i], dx) for i, dx in zip(keys, dxs)])[0]
+  return product
+
+
+def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
+                targets: Any, *, loss: losses_lib.LossLike,
+                geometry: geometry_lib.GeometryLike = "ggn",
+                damping: Union[float, Array] = 0.0,
+                intermediate: Intermediate = None,
+                key: Optional[Array] = None) -> LQRProblem:
+  """Builds the dense LQR problem of a geometry on one batch.
+
+  Dynamics ``A_i = ∂f_i/∂x``, ``B_i = ∂f_i/∂θ_i`` over the flattened batch
+  state; terminal cost ``Q_N`` the geometry's output metric, linear term
+  ``a = ∇_{x_N} ℓ``. For ``"newton"`` the stage costs are the Hessians of the
+  layer Hamiltonians :math:`H_i = p_{i+1}^\\top f_i(x_i, \\theta_i)`, with
+  costates :math:`p_N = a`, :math:`p_i = A_i^\\top p_{i+1}`:
+
+  .. math::
+
+     Q_i = \\nabla^2_{xx} H_i, \\quad M_i = \\nabla^2_{\\theta x} H_i, \\quad
+     R_i = \\nabla^2_{\\theta\\theta} H_i;
+
+  for every other geometry they are zero. ``intermediate={i: β_i}`` adds
+  ``β_i I`` to ``Q_i`` (``{i: W_i}`` adds the matrix ``W_i``) and damping adds
+  ``λ I`` to every ``R_i``.
+
+  Args:
+    model: a :class:`~llqr_optax.exact.Sequential` (or a sequence of layer
+      functions ``f_i(params_i, x)``).
+    params_list: one params pytree per layer, ``None`` where there are none.
+    inputs: the input batch ``x_0``.
+    targets: the batch's targets.
+    loss: a loss name, :class:`~llqr_optax.losses.Loss` or callable.
+    geometry: a name or :class:`~llqr_optax.geometry.Geometry`.
+    damping: ``λ ≥ 0``.
+    intermediate: ``None`` or ``{i: β_i or W_i}`` for ``i`` in ``1..N-1``, a
+      metric on ``x_i``, the input of layer ``i``.
+    key: a PRNG key (``"mc_fisher"`` only).
+
+  Returns:
+    An :class:`LQRProblem`. It holds the unravel functions, so return steps,
+    not problems, from jitted functions.
+  """
+  model = layers_lib.as_sequential(model)
+  model.check_params(params_list)
+  geometry_lib.check_damping(damping)
+  geometry_lib.get_geometry(geometry)  # early errors on unknown names
+  losses_lib.get_loss(loss)
+  params_list = list(params_list)
+  shapes = jax.eval_shape(model.activations, params_list, inputs)
+  metric = check_intermediate(intermediate, [0] + [s.size for s in shapes[1:]])
+  unravel = tuple(ravel_pytree(p)[1] for p in params_list)
+  try:
+    hash((model, loss, geometry))
+    build = _problem_arrays_jit
+  except TypeError:  # an unhashable layer, loss or geometry: no caching
+    build = _problem_arrays
+  arrays = build(model, loss, geometry, params_list, inputs, targets, damping,
+                 metric, key)
+  return LQRProblem(*arrays, unravel=unravel, damping=damping)
+
+
+def _problem_arrays(model, loss, geometry, params_list, inputs, targets,
+                    damping, metric, key):
+  """``(A, B, Q, M, R, Q_N, a)`` of :func:`lqr_problem`, on checked inputs."""
+  geometry = geometry_lib.get_geometry(geometry)
+  loss = losses_lib.get_loss(loss)
+  num = len(model)
+  xs = model.activations(params_list, inputs)
+  sizes = [0] + [x.size for x in xs[1:]]
+  outputs = xs[-1]
+  dtype = jnp.result_type(outputs)
+  flat = [ravel_pytree(p) for p in params_list]
+  thetas = [t for t, _ in flat]
+
+  def flat_layer(i):
+    """``f_i`` on flat vectors; for ``i = 0`` a function of ``θ_0`` only."""
+    layer, u, in_shape = model.layers[i], flat[i][1], xs[i].shape
+    if i == 0:
+      return lambda th: layer(u(th), xs[0]).reshape(-1)
+    return lambda x, th: layer(u(th), x.reshape(in_shape)).reshape(-1)
+
+  A, B = [], []
+  for i in range(num):
+    fn, m = flat_layer(i), thetas[i].size
+    if i == 0:
+      A.append(jnp.zeros((sizes[1], 0), dtype))
+      B.append(_jacobian(fn, 0, m, sizes[1])(thetas[0]))
+    else:
+      a_i, b_i = _jacobian(fn, (0, 1), sizes[i] + m, sizes[i + 1])(
+          xs[i].reshape(-1), thetas[i])
+      A.append(a_i)
+      B.append(b_i)
+
+  out_metric = geometry_lib.output_metric(geometry, loss, outputs, targets, key=key)
+  Q_N = _materialise(lambda e: out_metric(e.reshape(outputs.shape)).reshape(-1),
+                     sizes[num], dtype)
+  a = jax.grad(loss)(outputs, targets).reshape(-1)
+
+  Q = [jnp.zeros((n, n), dtype) for n in sizes[:num]]
+  M = [jnp.zeros((t.size, n), dtype) for t, n in zip(thetas, sizes[:num])]
+  R = [jnp.zeros((t.size, t.size), dtype) for t in thetas]
+
+  if geometry.name == "newton":
+    # Costates p_{i+1} = ∂ℓ/∂x_{i+1}, from p_N = a backwards.
+    costate = a
+    for i in reversed(range(num)):
+      fn, m = flat_layer(i), thetas[i].size
+      if i == 0:
+        if m:
+          R[0] = _sym(jax.hessian(lambda th: costate @ fn(th))(thetas[0]))
+      else:
+        hamiltonian = lambda x, th, p=costate, fn=fn: p @ fn(x, th)
+        (hxx, _), (htx, htt) = jax.hessian(hamiltonian, argnums=(0, 1))(
+            xs[i].reshape(-1), thetas[i])
+        Q[i], M[i], R[i] = _sym(hxx), htx, _sym(htt)
+        costate = A[i].T @ costate
+
+  for i, w in metric.items():
+    Q[i] = Q[i] + (w * jnp.eye(sizes[i], dtype=dtype) if jnp.ndim(w) == 0
+                   else jnp.asarray(w, dtype))
+  R = [r + damping * jnp.eye(r.shape[0], dtype=dtype) for r in R]
+  return A, B, Q, M, R, Q_N, a
+
+
+# Compiled once per model, loss, geometry, shapes and intermediate keys.
+_problem_arrays_jit = jax.jit(_problem_arrays, static_argnums=(0, 1, 2))
+
+
+def riccati_step(problem: LQRProblem, *, allow_singular: bool = False) -> List[PyTree]:
+  """Solves an :class:`LQRProblem` by the Riccati recursion and a rollout.
+
+  From ``K_N = Q_N``, ``λ_N = a``, for ``i = N-1, ..., 0``:
+
+  .. math::
+
+     S_i &= R_i + B_i^\\top K_{i+1} B_i, \\qquad
+     L_i = M_i + B_i^\\top K_{i+1} A_i, \\\\
+     K_i &= Q_i + A_i^\\top K_{i+1} A_i - L_i^\\top S_i^{-1} L_i, \\\\
+     \\lambda_i &= A_i^\\top \\lambda_{i+1}
+       - L_i^\\top S_i^{-1} B_i^\\top \\lambda_{i+1},
+
+  then from ``δx_0 = 0``:
+  :math:`\\delta\\theta_i = -S_i^{-1}(L_i \\delta x_i + B_i^\\top \\lambda_{i+1})`,
+  :math:`\\delta x_{i+1} = A_i \\delta x_i + B_i \\delta\\theta_i`.
+
+  The result is the stationary point of the quadratic model, which is its
+  minimiser, ``-(C + λI)^{-1} g``, when ``C + λI`` is positive definite. Every
+  ``S_i`` must be invertible: hence ``damping > 0`` is required unless
+  ``allow_singular=True``. For Newton, pick a damping that makes ``C + λI``
+  positive definite if a descent step is wanted.
+
+  Args:
+    problem: from :func:`lqr_problem`.
+    allow_singular: skip the ``damping > 0`` check.
+
+  Returns:
+    The step ``δθ``, one params pytree per layer (``None`` where the layer has
+    no parameters).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from llqr_optax.exact import Sequential, dense_step
+    >>> dense = lambda w, x: jnp.tanh(x @ w)
+    >>> model = Sequential((dense, dense))
+    >>> ks = jax.random.split(jax.random.key(0), 3)
+    >>> params = [jax.random.normal(ks[0], (3, 4)), jax.random.normal(ks[1], (4, 2))]
+    >>> x, y = jax.random.normal(ks[2], (5, 3)), jnp.zeros((5, 2))
+    >>> problem = lqr_problem(model, params, x, y, loss="squared_error",
+    ...                       damping=0.1)
+    >>> step = riccati_step(problem)
+    >>> ref = dense_step(lambda p: model.apply(p, x), params, y,
+    ...                  loss="squared_error", damping=0.1)
+    >>> all(bool(jnp.allclose(s, r, atol=1e-5)) for s, r in zip(step, ref))
+    True
+  """
+  _checks.check_solve_damping(problem.damping, allow_singular=allow_singular,
+                              where="riccati_step")
+  flat = _riccati_recursion(problem.A, problem.B, problem.Q, problem.M,
+                            problem.R, problem.Q_N, problem.a)
+  return [unravel(dtheta) for unravel, dtheta in zip(problem.unravel, flat)]
+
+
+@jax.jit
+def _riccati_recursion(A, B, Q, M, R, Q_N, a) -> List[Array]:
+  """The backward recursion and forward rollout on arrays; flat steps.
+
+  Jitted once per problem shape: every geometry of one model shares it.
+  """
+  num = len(B)
+  K, lam = Q_N, a
+  gains = [None] * num
+  for i in reversed(range(num)):
+    KB = K @ B[i]
+    S = _sym(R[i] + B[i].T @ KB)
+    L = M[i] + KB.T @ A[i]
+    rhs = jnp.concatenate([L, (B[i].T @ lam)[:, None]], axis=1)
+    sol = jnp.linalg.solve(S, rhs) if S.shape[0] else rhs
+    feedback, feedforward = sol[:, :-1], sol[:, -1]
+    gains[i] = (feedback, feedforward)
+    K = _sym(Q[i] + A[i].T @ K @ A[i] - L.T @ feedback)
+    lam = A[i].T @ lam - L.T @ feedforward
+
+  dx = jnp.zeros((0,), a.dtype)
+  steps = []
+  for i in range(num):
+    feedback, feedforward = gains[i]
+    dtheta = -(feedback @ dx + feedforward)
+    dx = A[i] @ dx + B[i] @ dtheta
+    steps.append(dtheta)
+  return steps
+
+
+def exact_step(model, params_list: Sequence[PyTree], inputs: Array,
+               targets: Any, *, loss: losses_lib.LossLike,
+               geometry: geometry_lib.GeometryLike = "ggn",
+               damping: Union[float, Array],
+               intermediate: Intermediate = None,
+               key: Optional[Array] = None,
+               allow_singular: bool = False) -> List[PyTree]:
+  """The exact damped layerwise-LQR step :math:`-(C + \\lambda I)^{-1} g`.
+
+  :func:`lqr_problem` then :func:`riccati_step`; jit-compatible with the model
+  and the ``intermediate`` keys static.
+
+  Args:
+    model: a :class:`~llqr_optax.exact.Sequential`.
+    params_list: one params pytree per layer.
+    inputs: the input batch.
+    targets: the batch's targets.
+    loss: a loss name, :class:`~llqr_optax.losses.Loss` or callable.
+    geometry: a name or :class:`~llqr_optax.geometry.Geometry`.
+    damping: ``λ > 0`` (``0`` only with ``allow_singular=True``).
+    intermediate: ``None`` or ``{i: β_i or W_i}``, see :func:`lqr_problem`.
+    key: a PRNG key (``"mc_fisher"`` only).
+    allow_singular: skip the ``damping > 0`` check.
+
+  Returns:
+    The step, one params pytree per layer.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax.exact import Sequential
+    >>> model = Sequential((lambda w, x: x @ w,))
+    >>> x, y = jnp.ones((4, 3)), jnp.ones((4, 2))
+    >>> step = exact_step(model, [jnp.zeros((3, 2))], x, y,
+    ...                   loss="squared_error", damping=1.0)
+    >>> bool(jnp.allclose(step[0], 0.2))  # -(xᵀx/8 + I)⁻¹ g, g = -0.5
+    True
+  """
+  problem = lqr_problem(model, params_list, inputs, targets, loss=loss,
+                        geometry=geometry, damping=damping,
+                        intermediate=intermediate, key=key)
+  return riccati_step(problem, allow_singular=allow_singular)

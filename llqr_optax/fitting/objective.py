@@ -1,0 +1,111 @@
+"""The LQR objective of a structured preconditioner, and its exact gradient.
+
+For gradient samples :math:`g_c` and the damped curvature :math:`A = C + \\lambda I`,
+
+.. math::
+
+   J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U g_c
+          + \\tfrac12 (U g_c)^\\top A\\, (U g_c) \\Big],
+
+the LQR cost of the open-loop policy :math:`\\delta\\theta = -U g` averaged
+over gradients. :math:`\\partial J / \\partial u_c = (A u_c - g_c)/n_c` at
+:math:`u_c = U g_c`: one curvature product per sample (a ``jvp`` forward, a
+``vjp`` costate sweep), then the pullback through ``U`` by autodiff. Over
+unconstrained ``U`` the minimiser is :math:`A^{-1}` on the span of the samples.
+
+The fitted parameters are one *block* of every leaf's state at a time (see
+:class:`~llqr_optax.structures.Structure`), in which ``U`` is linear, so ``J``
+is an exact quadratic in the block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from llqr_optax import structures
+from llqr_optax.fitting.problem import Problem
+
+PyTree = Any
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """``Σ_leaves ⟨a, b⟩`` in float32."""
+  return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+             jnp.zeros((), jnp.float32))
+
+
+def num_blocks(states: PyTree) -> int:
+  """The largest number of alternating blocks over the leaves."""
+  counts = jax.tree.leaves(structures.map_states(lambda cls, s: len(cls.blocks), states))
+  return max(counts, default=1)
+
+
+def split_block(states: PyTree, k: int) -> PyTree:
+  """The fields of block ``k`` of every leaf (an empty tuple where absent)."""
+  def take(cls, s):
+    return tuple(getattr(s, f) for f in cls.blocks[k]) if k < len(cls.blocks) else ()
+  return structures.map_states(take, states)
+
+
+def merge_block(states: PyTree, k: int, block: PyTree) -> PyTree:
+  """``states`` with block ``k`` replaced by ``block``."""
+  def put(s, b):
+    cls = structures.structure_of(s)
+    return s._replace(**dict(zip(cls.blocks[k], b))) if k < len(cls.blocks) else s
+  return jax.tree.map(put, states, block, is_leaf=structures._is_state)
+
+
+def precondition_samples(states: PyTree, grads: PyTree) -> PyTree:
+  """``u_c = U g_c`` for every sample (leading chunk axis)."""
+  return jax.vmap(lambda g: structures.apply(states, g))(grads)
+
+
+def _num_samples(problem: Problem) -> int:
+  return jax.tree.leaves(problem.grads)[0].shape[0]
+
+
+def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTree]:
+  """``J(U)`` with the samples ``u_c = U g_c`` and their products ``A u_c``."""
+  u = precondition_samples(states, problem.grads)
+  au = jax.vmap(problem.matvec)(u)
+  half = jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)
+  return tree_vdot(u, half) / _num_samples(problem), u, au
+
+
+def lqr_objective(problem: Problem, states: PyTree) -> jax.Array:
+  """``J(U)`` for the preconditioners in ``states``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax import structures
+    >>> g = {"w": jnp.ones((2, 3))}  # two samples of a 3-vector leaf
+    >>> problem = Problem(g, lambda v: v)  # A = I
+    >>> float(lqr_objective(problem, structures.init({"w": jnp.ones(3)}, "scalar")))
+    -1.5
+  """
+  return evaluate(problem, states)[0]
+
+
+def block_value_and_grad(problem: Problem, states: PyTree, k: int,
+                         block: PyTree) -> Tuple[jax.Array, PyTree]:
+  """``J`` and ``∂J/∂block``: products ``A u_c`` pulled back through ``U``."""
+  n = _num_samples(problem)
+  u, pullback = jax.vjp(
+      lambda b: precondition_samples(merge_block(states, k, b), problem.grads), block)
+  au = jax.vmap(problem.matvec)(u)
+  value = tree_vdot(u, jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)) / n
+  grad = pullback(jax.tree.map(lambda a, g: (a - g) / n, au, problem.grads))[0]
+  return value, grad
+
+
+def block_hvp(problem: Problem, states: PyTree, k: int, direction: PyTree) -> PyTree:
+  """``∇²J · direction`` in block ``k`` (``J`` is quadratic there)."""
+  n = _num_samples(problem)
+  u, pullback = jax.vjp(
+      lambda b: precondition_samples(merge_block(states, k, b), problem.grads),
+      direction)
+  au = jax.vmap(problem.matvec)(u)
+  return pullback(jax.tree.map(lambda a: a / n, au))[0]

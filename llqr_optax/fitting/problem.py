@@ -1,0 +1,105 @@
+"""The LQR fitting problem of a refit: gradient samples and a curvature product.
+
+The refit batch is split into ``num_chunks`` chunks along the leading axis of
+the outputs; each chunk's loss gives one gradient sample :math:`g_c`. All
+samples are pulled back through *one* linearisation of the model (one forward
+pass), and the curvature product :math:`(C + \\lambda I) v` of the whole refit
+batch reuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from llqr_optax import geometry as geometry_lib
+from llqr_optax import losses as losses_lib
+
+PyTree = Any
+
+
+class Problem(NamedTuple):
+  """What the LQR objective needs.
+
+  Attributes:
+    grads: gradient samples ``g_c``, params-shaped float32 arrays with a
+      leading chunk axis.
+    matvec: ``v -> (C + λI) v`` on params-shaped float32 trees.
+  """
+  grads: PyTree
+  matvec: Callable[[PyTree], PyTree]
+
+
+def _slice_chunk(tree, c, size):
+  return jax.tree.map(
+      lambda t: jax.lax.dynamic_slice_in_dim(t, c * size, size, axis=0), tree)
+
+
+def _to_f32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
+                  targets: Any = None, *, loss: losses_lib.LossLike,
+                  geometry: geometry_lib.GeometryLike = "ggn",
+                  damping: Any = 0.0, num_chunks: int = 4,
+                  key: Optional[jax.Array] = None,
+                  axis_name: Optional[str] = None):
+  """Linearises the model once and returns the fitting problem.
+
+  Args:
+    apply_fn: ``apply_fn(params) -> outputs`` closing over the refit batch.
+    params: where the curvature is taken.
+    targets: the batch's targets (leading axis = examples), or ``None``.
+    loss: a loss name, :class:`~llqr_optax.losses.Loss` or callable.
+    geometry: a geometry name or :class:`~llqr_optax.geometry.Geometry`.
+    damping: ``λ``.
+    num_chunks: number of gradient samples; examples beyond
+      ``num_chunks · (batch // num_chunks)`` enter the curvature only.
+    key: PRNG key for sampled geometries.
+    axis_name: a mapped axis (``pmap``/``shard_map``) over which the batch is
+      sharded; products and samples are averaged over it.
+
+  Returns:
+    ``(problem, outputs, loss_value)``.
+  """
+  loss = losses_lib.get_loss(loss)
+  lin = geometry_lib.linearize(apply_fn, params, targets, loss=loss,
+                               geometry=geometry, key=key)
+  outputs = lin.outputs
+  if loss.check is not None and targets is not None:
+    loss.check(outputs, targets)
+  batch = outputs.shape[0] if outputs.ndim else 0
+  if batch < num_chunks:
+    raise ValueError(
+        f"num_chunks={num_chunks} is larger than the batch ({batch} rows along "
+        "the leading axis of apply_fn's outputs); lower num_chunks.")
+  size = batch // num_chunks
+
+  def chunk_cotangent(c):
+    chunk_loss = lambda z: loss.fn(_slice_chunk(z, c, size),
+                                   _slice_chunk(targets, c, size))
+    return jax.grad(chunk_loss)(outputs)
+
+  cotangents = jax.vmap(chunk_cotangent)(jnp.arange(num_chunks))
+  grads = _to_f32(jax.vmap(lin.vjp)(cotangents))
+  dtypes = jax.tree.map(lambda p: p.dtype, params)
+
+  def curvature(v):
+    v = jax.tree.map(lambda x, d: x.astype(d), v, dtypes)
+    return _to_f32(lin.matvec(v, 0.0))
+
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    local_curvature = curvature
+    curvature = lambda v: jax.lax.pmean(local_curvature(v), axis_name)
+
+  def matvec(v):
+    return jax.tree.map(lambda cv, x: cv + damping * x, curvature(v), v)
+
+  loss_value = loss.fn(outputs, targets)
+  if axis_name is not None:
+    loss_value = jax.lax.pmean(loss_value, axis_name)
+  return Problem(grads, matvec), outputs, loss_value

@@ -1,0 +1,86 @@
+"""One refit: statistics, warm-started fit, EMA, and the fit's diagnostics."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llqr_optax import structures
+from llqr_optax.fitting import objective as obj
+from llqr_optax.fitting import solvers
+from llqr_optax.fitting.problem import Problem
+
+PyTree = Any
+
+
+class RefitResult(NamedTuple):
+  """Attributes:
+    states: the new per-leaf preconditioner states.
+    objective: ``J`` of the new states on the refit problem.
+    step: ``δ = −α* U ḡ``, the best-scaled preconditioned step for the mean
+      sample ``ḡ`` under the quadratic model.
+    predicted: the model's change at that step, ``−½ (ḡᵀUḡ)² / (Uḡ)ᵀA(Uḡ)``.
+  """
+  states: PyTree
+  objective: jax.Array
+  step: PyTree
+  predicted: jax.Array
+
+
+def _ema_fitted(old: PyTree, new: PyTree, beta) -> PyTree:
+  """EMA of the fitted fields only; statistics (bases) are taken from ``new``."""
+  def leaf(o, n):
+    fields = [f for block in structures.structure_of(o).blocks for f in block]
+    return n._replace(**{f: beta * getattr(o, f) + (1 - beta) * getattr(n, f)
+                         for f in fields})
+  return jax.tree.map(leaf, old, new, is_leaf=structures._is_state)
+
+
+def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
+          ema: Any = 0.9, first: Any = False) -> RefitResult:
+  """Refits the structured preconditioners on one problem.
+
+  1. Statistics that are not fitted (ekfac bases) absorb the samples.
+  2. On the first refit, ``U`` is rescaled by its best scalar, so the warm
+     start has the right magnitude.
+  3. ``steps`` inner steps per block minimise ``J``, from the current ``U``.
+  4. The fitted fields are averaged with the old ones: ``θ ← β θ_old + (1−β)
+     θ_fit`` (``β = 0`` on the first refit).
+
+  Args:
+    problem: gradient samples and the damped curvature product.
+    states: the current per-leaf states.
+    steps: inner steps per block.
+    solver: ``"cg"`` or ``"sgd"``.
+    ema: ``β``.
+    first: whether this is the first refit (a traced bool is fine).
+
+  Returns:
+    A :class:`RefitResult`.
+  """
+  first = jnp.asarray(first)
+  beta = jnp.where(first, 0.0, ema)
+  new = jax.tree.map(
+      lambda g, s: structures.structure_of(s).update_statistics(s, g, beta),
+      problem.grads, states)
+
+  def rescale(s):
+    c = solvers.best_scale(problem, s)
+    return structures.map_states(lambda cls, st: cls.scale(st, c), s)
+
+  new = jax.lax.cond(first, rescale, lambda s: s, new)
+  new = solvers.fit(problem, new, steps=steps, solver=solver)
+  new = _ema_fitted(states, new, beta)
+
+  value, u, au = obj.evaluate(problem, new)
+  mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t)
+  g_bar, u_bar, au_bar = mean(problem.grads), mean(u), mean(au)
+  gu = obj.tree_vdot(g_bar, u_bar)
+  uau = obj.tree_vdot(u_bar, au_bar)
+  ok = uau > 0
+  alpha = jnp.where(ok, gu / jnp.where(ok, uau, 1.0), 0.0)
+  step = jax.tree.map(lambda x: -alpha * x, u_bar)
+  predicted = -0.5 * alpha * gu
+  return RefitResult(new, value, step, predicted)

@@ -1,0 +1,158 @@
+"""Structured inverse preconditioners, one per parameter leaf.
+
+=============  ==============================================  ===============
+name           ``U`` applied to a leaf ``G`` (``fan_in × fan_out``)  learned
+=============  ==============================================  ===============
+``scalar``     ``s · G``                                       ``s``
+``diagonal``   ``D ⊙ G``                                       ``D``
+``kronecker``  ``L G R``                                       ``L``, ``R``
+``ekfac``      ``Q_A [(Q_Aᵀ G Q_G) ⊙ S] Q_Gᵀ``                 ``S``
+``dense``      ``unvec(M vec(G))``                             ``M``
+=============  ==============================================  ===============
+
+The state of one leaf is the structure's ``NamedTuple``, so a tree of states
+alone says how to apply itself: :func:`apply` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from llqr_optax.structures.base import Structure, matrix_shape
+from llqr_optax.structures.dense import Dense, DenseState
+from llqr_optax.structures.diagonal import Diagonal, DiagonalState
+from llqr_optax.structures.ekfac import EigenKronecker, EigenKroneckerState
+from llqr_optax.structures.kronecker import Kronecker, KroneckerState
+from llqr_optax.structures.scalar import Scalar, ScalarState
+
+PyTree = Any
+
+STRUCTURES: Dict[str, type] = {
+    cls.name: cls for cls in (Scalar, Diagonal, Kronecker, EigenKronecker, Dense)}
+_BY_STATE = {cls.State: cls for cls in STRUCTURES.values()}
+
+#: What ``structure="auto"`` picks for a leaf with at least two axes.
+AUTO_MATRIX = "kronecker"
+
+StructureSpec = Union[str, PyTree, Callable[[Tuple[Any, ...], Tuple[int, ...]], str]]
+
+
+def _is_state(x) -> bool:
+  return type(x) in _BY_STATE
+
+
+def structure_of(state) -> type:
+  """The structure class of one leaf's state."""
+  return _BY_STATE[type(state)]
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _resolve(name: Any, path, shape, *, max_dim: int, dense_max: int) -> str:
+  where = f"for the leaf {_path_str(path)} of shape {tuple(shape)}"
+  if not isinstance(name, str) or (name != "auto" and name not in STRUCTURES):
+    raise ValueError(
+        f"structure={name!r} {where} is unknown; choose one of "
+        f"{['auto'] + list(STRUCTURES)}.")
+  if name == "auto":
+    return "diagonal" if len(shape) <= 1 else AUTO_MATRIX
+  if name in ("kronecker", "ekfac") and len(shape) <= 1:
+    return "diagonal"  # vectors (biases, norms) fall back to diagonal
+  if name == "dense" and math.prod(shape) > dense_max:
+    raise ValueError(
+        f"structure='dense' {where} needs a {math.prod(shape)}² matrix, above "
+        f"dense_max={dense_max}; use 'kronecker' or 'diagonal' for this leaf, "
+        "or raise dense_max.")
+  return name
+
+
+def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
+               dense_max: int = 4096) -> PyTree:
+  """The structure name chosen for every leaf of ``params``.
+
+  Args:
+    structure: one name for every leaf (``"auto"`` picks ``diagonal`` for
+      vectors and :data:`AUTO_MATRIX` for matrices and conv kernels); a pytree
+      of names with the structure of ``params``; or a callable
+      ``(path, shape) -> name``.
+    params: the parameter pytree.
+    max_dim: sides above this size use a diagonal factor (Kronecker) or the
+      identity basis (ekfac).
+    dense_max: the largest leaf size allowed with ``"dense"``.
+
+  Returns:
+    A pytree of names shaped like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> leaf_names("auto", {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
+    {'b': 'diagonal', 'w': 'kronecker'}
+  """
+  kw = dict(max_dim=max_dim, dense_max=dense_max)
+  if isinstance(structure, str):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: _resolve(structure, p, jnp.shape(x), **kw), params)
+  if callable(structure):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: _resolve(structure(p, jnp.shape(x)), p, jnp.shape(x), **kw),
+        params)
+  p_def = jax.tree.structure(params)
+  s_def = jax.tree.structure(structure)
+  if p_def != s_def:
+    raise ValueError(
+        "structure, given as a pytree of names, does not match params: "
+        f"params has {p_def.num_leaves} leaves ({p_def}), structure has "
+        f"{s_def.num_leaves} ({s_def}). Give one name per params leaf, or a "
+        "callable (path, shape) -> name.")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x, n: _resolve(n, p, jnp.shape(x), **kw), params, structure)
+
+
+def init(params: PyTree, structure: StructureSpec = "auto", *,
+         max_dim: int = 1024, dense_max: int = 4096) -> PyTree:
+  """Identity preconditioners: a tree of per-leaf states shaped like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> states = init({"w": jnp.zeros((3, 2))}, "diagonal")
+    >>> states["w"].diag.shape
+    (3, 2)
+  """
+  names = leaf_names(structure, params, max_dim=max_dim, dense_max=dense_max)
+  return jax.tree.map(
+      lambda x, n: STRUCTURES[n].init(tuple(jnp.shape(x)), max_dim=max_dim),
+      params, names)
+
+
+def apply(states: PyTree, tree: PyTree) -> PyTree:
+  """``U(tree)``: each leaf's preconditioner applied to that leaf.
+
+  The computation is in float32 and the result has the dtype of ``tree``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = init({"w": jnp.zeros((3, 2))}, "scalar")
+    >>> apply(s, {"w": jnp.ones((3, 2))})["w"].sum()
+    Array(6., dtype=float32)
+  """
+  return jax.tree.map(
+      lambda g, s: structure_of(s).apply(s, g.astype(jnp.float32)).astype(g.dtype),
+      tree, states)
+
+
+def map_states(fn: Callable[[type, Any], Any], states: PyTree) -> PyTree:
+  """Maps ``fn(structure_class, state)`` over every leaf's state."""
+  return jax.tree.map(lambda s: fn(structure_of(s), s), states, is_leaf=_is_state)
+
+
+__all__ = [
+    "AUTO_MATRIX", "STRUCTURES", "Structure", "Scalar", "ScalarState",
+    "Diagonal", "DiagonalState", "Kronecker", "KroneckerState", "EigenKronecker",
+    "EigenKroneckerState", "Dense", "DenseState", "apply", "init", "leaf_names",
+    "map_states", "matrix_shape", "structure_of"]

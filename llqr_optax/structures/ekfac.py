@@ -1,0 +1,78 @@
+"""Eigenbasis-Kronecker structure (EKFAC-like): a learned diagonal in a
+Kronecker eigenbasis.
+
+The bases are not fitted by the LQR objective: they are the eigenvectors of
+exponential moving averages of the gradient's row and column covariances,
+:math:`E[G G^\\top]` and :math:`E[G^\\top G]` (Shampoo's statistics), taken from
+the refit's gradient chunks. The scales ``S`` in that basis are fitted.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llqr_optax.structures import base
+
+
+class EigenKroneckerState(NamedTuple):
+  """``scale`` ``S`` (leaf as a matrix), bases and covariances per side.
+
+  A side larger than ``max_dim`` keeps the identity basis, stored as a vector
+  of ones, and a vector of second moments.
+  """
+  scale: jax.Array
+  basis_in: jax.Array
+  basis_out: jax.Array
+  cov_in: jax.Array
+  cov_out: jax.Array
+
+
+def _to_eigenbasis(q_in, q_out, g2):
+  """``Q_Aᵀ G Q_G``; a vector basis stands for the identity."""
+  g2 = q_in.T @ g2 if q_in.ndim == 2 else g2
+  return g2 @ q_out if q_out.ndim == 2 else g2
+
+
+def _from_eigenbasis(q_in, q_out, x):
+  """``Q_A X Q_Gᵀ``; a vector basis stands for the identity."""
+  x = q_in @ x if q_in.ndim == 2 else x
+  return x @ q_out.T if q_out.ndim == 2 else x
+
+
+class EigenKronecker(base.Structure):
+  """:math:`U(G) = Q_A \\big[(Q_A^\\top G Q_G) \\odot S\\big] Q_G^\\top`."""
+
+  name = "ekfac"
+  State = EigenKroneckerState
+  blocks = (("scale",),)
+
+  @classmethod
+  def init(cls, shape, *, max_dim):
+    m, n = base.matrix_shape(shape)
+    return EigenKroneckerState(
+        jnp.ones((m, n), jnp.float32),
+        base.side_matrix(m, max_dim), base.side_matrix(n, max_dim),
+        base.side_matrix(m, max_dim), base.side_matrix(n, max_dim))
+
+  @classmethod
+  def apply(cls, state, g):
+    g2 = g.reshape(state.scale.shape)
+    x = _to_eigenbasis(state.basis_in, state.basis_out, g2) * state.scale
+    return _from_eigenbasis(state.basis_in, state.basis_out, x).reshape(g.shape)
+
+  @classmethod
+  def update_statistics(cls, state, grads, decay):
+    g2 = grads.reshape((grads.shape[0],) + state.scale.shape)
+
+    def side(cov, spec):
+      if cov.ndim == 1:  # identity basis above max_dim: nothing to track
+        return cov, cov
+      outer = jnp.einsum(spec, g2, g2)
+      cov = decay * cov + (1 - decay) * outer / jnp.maximum(jnp.trace(outer), 1e-30)
+      return cov, jnp.linalg.eigh(cov)[1]
+
+    cov_in, basis_in = side(state.cov_in, "cij,ckj->ik")
+    cov_out, basis_out = side(state.cov_out, "cji,cjk->ik")
+    return state._replace(basis_in=basis_in, basis_out=basis_out,
+                          cov_in=cov_in, cov_out=cov_out)
