@@ -1,0 +1,215 @@
+"""End-to-end: llqr in jitted Flax (linen and nnx) training steps on MNIST-1D.
+
+The data is generated offline by the ``mnist1d`` package
+(:func:`benchmarks.datasets.mnist1d`). Every run here is seeded: same init,
+same batches. The linen step is compiled once per optimizer and shared by the
+tests that use it, to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import llqr_optax
+from benchmarks import datasets
+
+BATCH = 64
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+  """Runs in float32, as users do, even if another test module enabled x64."""
+  ctx = getattr(jax, "enable_x64", None)
+  if ctx is None:  # older JAX
+    from jax.experimental import disable_x64 as ctx
+    with ctx():
+      yield
+  else:
+    with ctx(False):
+      yield
+
+
+@functools.lru_cache(maxsize=None)
+def _data():
+  d = datasets.mnist1d()
+  return {k: jnp.asarray(v) for k, v in d.items()}
+
+
+def _batches(steps, seed=SEED):
+  """(steps, BATCH) indices: shuffled epochs of full batches."""
+  n = int(_data()["x_train"].shape[0])
+  rng = np.random.default_rng(seed)
+  per_epoch = n // BATCH
+  epochs = -(-steps // per_epoch)
+  return np.concatenate([rng.permutation(n)[:per_epoch * BATCH].reshape(-1, BATCH)
+                         for _ in range(epochs)])[:steps]
+
+
+def _xent(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _make_tx(name):
+  if name == "adam":
+    return optax.adam(1e-3)
+  if name == "llqr+adam":  # the library's defaults, as a user writes it
+    return optax.chain(llqr_optax.llqr(loss="softmax_cross_entropy"),
+                       optax.adam(1e-3))
+  raise ValueError(name)
+
+
+def _check_llqr_state(opt_state, params):
+  s = llqr_optax.find_state(opt_state)
+  assert int(s.refits) >= 1
+  assert int(s.skipped_refits) == 0
+  assert int(s.skipped_updates) == 0
+  assert np.isfinite(float(s.objective))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def _compiled_once(step):
+  """True unless the jitted step compiled more than once (when JAX can tell)."""
+  size = getattr(step, "_cache_size", None)
+  return size is None or size() == 1
+
+
+# ----------------------------------------------------------------------------
+# Flax linen
+
+
+class MLP(nn.Module):
+  """40 → 100 → 100 → 10, relu (the demo's model)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(100)(x))
+    x = nn.relu(nn.Dense(100)(x))
+    return nn.Dense(10)(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _linen_step(name):
+  """One jitted linen training step per optimizer, shared across tests."""
+  model, tx = MLP(), _make_tx(name)
+  uses_llqr = name.startswith("llqr")
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    apply_fn = lambda p: model.apply(p, x)
+    loss, grads = jax.value_and_grad(lambda p: _xent(apply_fn(p), y))(params)
+    extra = dict(apply_fn=apply_fn, targets=y) if uses_llqr else {}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return tx, step
+
+
+@jax.jit
+def _linen_train_loss(params):
+  d = _data()
+  return _xent(MLP().apply(params, d["x_train"]), d["y_train"])
+
+
+def _train_linen(name, steps):
+  d = _data()
+  params = MLP().init(jax.random.PRNGKey(SEED), d["x_train"][:1])
+  tx, step = _linen_step(name)
+  opt_state = tx.init(params)
+  for idx in _batches(steps):
+    params, opt_state, _ = step(params, opt_state, d["x_train"][idx],
+                                d["y_train"][idx])
+  return params, opt_state, step
+
+
+def test_linen_llqr_adam_lowers_the_loss():
+  d = _data()
+  params0 = MLP().init(jax.random.PRNGKey(SEED), d["x_train"][:1])
+  before = float(_linen_train_loss(params0))
+  params, opt_state, step = _train_linen("llqr+adam", 150)
+  after = float(_linen_train_loss(params))
+  assert after < before - 0.2, (before, after)
+  _check_llqr_state(opt_state, params)
+  assert _compiled_once(step)
+
+
+# ----------------------------------------------------------------------------
+# Flax nnx, functional style: split the Params, merge inside apply_fn.
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(40, 100, rngs=rngs)
+    self.l2 = nnx.Linear(100, 100, rngs=rngs)
+    self.l3 = nnx.Linear(100, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.l1(x))
+    x = jax.nn.relu(self.l2(x))
+    return self.l3(x)
+
+
+def test_nnx_llqr_adam_lowers_the_loss():
+  d = _data()
+  graphdef, params = nnx.split(NnxMLP(nnx.Rngs(SEED)), nnx.Param)
+  tx = _make_tx("llqr+adam")
+  opt_state = tx.init(params)
+
+  def loss_of(p, x, y):
+    return _xent(nnx.merge(graphdef, p)(x), y)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    apply_fn = lambda p: nnx.merge(graphdef, p)(x)
+    loss, grads = jax.value_and_grad(lambda p: _xent(apply_fn(p), y))(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   apply_fn=apply_fn, targets=y)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  full_loss = jax.jit(loss_of)
+  before = float(full_loss(params, d["x_train"], d["y_train"]))
+  for idx in _batches(150):
+    params, opt_state, _ = step(params, opt_state, d["x_train"][idx],
+                                d["y_train"][idx])
+  after = float(full_loss(params, d["x_train"], d["y_train"]))
+  assert after < before - 0.2, (before, after)
+  _check_llqr_state(opt_state, params)
+  assert _compiled_once(step)
+  # The trained params still drive the module: merge them back.
+  model = nnx.merge(graphdef, params)
+  assert model(d["x_test"][:3]).shape == (3, 10)
+
+
+# ----------------------------------------------------------------------------
+# The claim: preconditioning Adam's input with llqr trains faster.
+
+COMPARE_STEPS = 500
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="claim not yet met with the current llqr defaults: on MNIST-1D "
+           "(MLP 40-100-100-10, batch 64, 500 steps) llqr+Adam ends at a higher "
+           "training loss than Adam. Remove this mark once the defaults win.")
+def test_claim_llqr_adam_beats_adam_at_equal_steps():
+  """CLAIM: llqr+Adam reaches a lower full-train-set loss than Adam.
+
+  Same init, same batches (seeded), same Adam learning rate (1e-3), llqr with
+  its default settings; compared after the same number of steps.
+  """
+  losses = {}
+  for name in ("adam", "llqr+adam"):
+    params, _, _ = _train_linen(name, COMPARE_STEPS)
+    losses[name] = float(_linen_train_loss(params))
+  print(f"full-train loss after {COMPARE_STEPS} steps: {losses}")
+  assert np.isfinite(losses["llqr+adam"])
+  assert losses["llqr+adam"] < losses["adam"], losses
