@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llqr_optax import losses as losses_lib
 
@@ -98,6 +99,9 @@ def get_geometry(geometry: GeometryLike) -> Geometry:
 
 def check_damping(damping, *, allow_zero: bool = True, name: str = "damping"):
   """Raises ``ValueError`` for a negative (or, if not allowed, zero) damping."""
+  if (isinstance(damping, (np.ndarray, np.generic, jax.Array))
+      and not isinstance(damping, jax.core.Tracer) and np.ndim(damping) == 0):
+    damping = float(damping)  # a concrete scalar array is checked like a float
   if isinstance(damping, (int, float)):
     if damping < 0 or (damping == 0 and not allow_zero) or damping != damping:
       need = ">= 0" if allow_zero else "> 0 (the problem is singular without it)"
@@ -181,7 +185,10 @@ def output_metric(geometry: GeometryLike, loss: losses_lib.LossLike,
 
 
 def _tree_axpy(a, x, y):
-  return jax.tree.map(lambda xi, yi: a * xi.astype(yi.dtype) + yi, x, y)
+  # Cast back: an array-valued ``a`` (e.g. float32 damping from
+  # inject_hyperparams) must not promote bf16/float32 leaves.
+  return jax.tree.map(lambda xi, yi: (a * xi.astype(yi.dtype) + yi).astype(yi.dtype),
+                      x, y)
 
 
 @dataclasses.dataclass(frozen=True)
