@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import jax
+import numpy as np
+
 from llqr_optax import geometry as geometry_lib
 
 
@@ -16,6 +19,9 @@ def check_solve_damping(damping, *, allow_singular: bool, where: str) -> None:
   checked.
   """
   geometry_lib.check_damping(damping)
+  if (isinstance(damping, (np.ndarray, np.generic, jax.Array))
+      and not isinstance(damping, jax.core.Tracer) and np.ndim(damping) == 0):
+    damping = float(damping)  # a concrete scalar array is checked like a float
   if (isinstance(damping, (int, float)) and damping == 0
       and not allow_singular):
     raise ValueError(

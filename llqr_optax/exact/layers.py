@@ -88,7 +88,13 @@ class Sequential:
 
 
 def as_sequential(model) -> Sequential:
-  """A :class:`Sequential`, or a sequence of layer functions made into one."""
+  """A :class:`Sequential`, or a sequence of layer functions made into one.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> len(as_sequential([lambda p, x: x @ p, lambda p, x: jnp.tanh(x)]))
+    2
+  """
   if isinstance(model, Sequential):
     return model
   if isinstance(model, (list, tuple)):

@@ -31,7 +31,10 @@ any array (integer token ids included).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+import functools
+import numbers
+from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +100,8 @@ def _materialise(linear_fn: Callable[[Array], Array], size: int, dtype) -> Array
   return _sym(columns.T)
 
 
-def check_intermediate(intermediate: Intermediate, sizes: Sequence[int]) -> Dict[int, Union[float, Array]]:
+def _check_intermediate(intermediate: Intermediate,
+                       sizes: Sequence[int]) -> Dict[int, Union[float, Array]]:
   """Validates an intermediate-layer metric against the state sizes.
 
   Args:
@@ -118,7 +122,7 @@ def check_intermediate(intermediate: Intermediate, sizes: Sequence[int]) -> Dict
   num_layers = len(sizes) - 1
   out = {}
   for i, metric in intermediate.items():
-    if (isinstance(i, bool) or not isinstance(i, int)
+    if (isinstance(i, bool) or not isinstance(i, numbers.Integral)
         or not 1 <= i <= num_layers - 1):
       valid = (f"1..{num_layers - 1}" if num_layers > 1
                else "none: a single-layer model has no intermediate state")
@@ -131,14 +135,14 @@ def check_intermediate(intermediate: Intermediate, sizes: Sequence[int]) -> Dict
     if shape == ():
       if isinstance(metric, (int, float)) and not metric >= 0:
         raise ValueError(
-            f"intermediate[{i}]={metric!r} is negative; the metric weight "
-            "beta_i must be >= 0.")
+            f"intermediate[{i}]={metric!r} is negative or NaN; the metric "
+            "weight beta_i must be >= 0 (e.g. 0.1).")
     elif tuple(shape) != (sizes[i], sizes[i]):
       raise ValueError(
           f"intermediate[{i}] has shape {tuple(shape)} but the flattened state "
           f"x_{i} has size {sizes[i]}; pass a scalar beta or a "
           f"({sizes[i]}, {sizes[i]}) matrix.")
-    out[i] = metric
+    out[int(i)] = metric
   return out
 
 
@@ -179,10 +183,11 @@ def intermediate_curvature(model, params_list: Sequence[PyTree], inputs: Array,
     [0.5, 0.0]
   """
   model = layers_lib.as_sequential(model)
-  xs = model.activations(params_list, inputs)
-  metric = check_intermediate(intermediate, [0] + [x.size for x in xs[1:]])
-  keys = sorted(metric)
+  model.check_params(params_list)
   params_list = list(params_list)
+  shapes = jax.eval_shape(model.activations, params_list, inputs)
+  metric = _check_intermediate(intermediate, [0] + [s.size for s in shapes[1:]])
+  keys = sorted(metric)
 
   def states(ps):
     acts = model.activations(ps, inputs)
@@ -236,91 +241,134 @@ def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
   Returns:
     An :class:`LQRProblem`. It holds the unravel functions, so return steps,
     not problems, from jitted functions.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax.exact import Sequential
+    >>> model = Sequential((lambda w, x: jnp.tanh(x @ w), lambda w, x: x @ w))
+    >>> params = [jnp.ones((3, 4)) / 3, jnp.ones((4, 2)) / 4]
+    >>> problem = lqr_problem(model, params, jnp.ones((5, 3)),
+    ...                       jnp.zeros(5, int), loss="softmax_cross_entropy",
+    ...                       damping=1e-3)
+    >>> [b.shape for b in problem.B], problem.A[1].shape, problem.Q_N.shape
+    ([(20, 12), (10, 8)], (10, 20), (10, 10))
   """
   model = layers_lib.as_sequential(model)
   model.check_params(params_list)
   geometry_lib.check_damping(damping)
-  geometry_lib.get_geometry(geometry)  # early errors on unknown names
-  losses_lib.get_loss(loss)
+  is_newton = geometry_lib.get_geometry(geometry).name == "newton"
+  losses_lib.get_loss(loss)  # early errors on unknown names
   params_list = list(params_list)
   shapes = jax.eval_shape(model.activations, params_list, inputs)
-  metric = check_intermediate(intermediate, [0] + [s.size for s in shapes[1:]])
-  unravel = tuple(ravel_pytree(p)[1] for p in params_list)
-  try:
-    hash((model, loss, geometry))
-    build = _problem_arrays_jit
-  except TypeError:  # an unhashable layer, loss or geometry: no caching
-    build = _problem_arrays
-  arrays = build(model, loss, geometry, params_list, inputs, targets, damping,
-                 metric, key)
-  return LQRProblem(*arrays, unravel=unravel, damping=damping)
-
-
-def _problem_arrays(model, loss, geometry, params_list, inputs, targets,
-                    damping, metric, key):
-  """``(A, B, Q, M, R, Q_N, a)`` of :func:`lqr_problem`, on checked inputs."""
-  geometry = geometry_lib.get_geometry(geometry)
-  loss = losses_lib.get_loss(loss)
-  num = len(model)
-  xs = model.activations(params_list, inputs)
-  sizes = [0] + [x.size for x in xs[1:]]
-  outputs = xs[-1]
-  dtype = jnp.result_type(outputs)
+  sizes = tuple([0] + [s.size for s in shapes[1:]])
+  metric = _check_intermediate(intermediate, sizes)
   flat = [ravel_pytree(p) for p in params_list]
-  thetas = [t for t, _ in flat]
+  counts = tuple(t.size for t, _ in flat)
+  dtype = jnp.dtype(shapes[-1].dtype)
+
+  A, B, outputs = _cached(_dynamics, model)(params_list, inputs)
+  Q_N, a = _cached(_terminal, loss, geometry)(outputs, targets, key)
+  stage = None
+  if is_newton:
+    stage = _cached(_newton_stage, model)(params_list, inputs, A, a)
+  Q, M, R = _stage_costs(sizes[:-1], counts, dtype, stage, metric, damping)
+  return LQRProblem(A, B, Q, M, R, Q_N, a, tuple(u for _, u in flat), damping)
+
+
+# The pieces of lqr_problem are jitted apart, with the model, loss and geometry
+# static, so that geometries share the dynamics and models share the terminal
+# costs. Unhashable statics (a layer with __eq__ but no __hash__) run unjitted.
+_JITTED = {}
+
+
+def _cached(fn, *static):
+  try:
+    hash(static)
+  except TypeError:
+    return functools.partial(fn, *static)
+  if fn not in _JITTED:
+    _JITTED[fn] = jax.jit(fn, static_argnums=tuple(range(len(static))))
+  return functools.partial(_JITTED[fn], *static)
+
+
+def _flat_layers(model, params_list, inputs):
+  """``(xs, thetas, fns)``: the states, flat params, and every ``f_i`` on flat
+  vectors (``f_0`` a function of ``θ_0`` alone: ``x_0`` is not a state)."""
+  xs = model.activations(params_list, inputs)
+  flat = [ravel_pytree(p) for p in params_list]
 
   def flat_layer(i):
-    """``f_i`` on flat vectors; for ``i = 0`` a function of ``θ_0`` only."""
     layer, u, in_shape = model.layers[i], flat[i][1], xs[i].shape
     if i == 0:
       return lambda th: layer(u(th), xs[0]).reshape(-1)
     return lambda x, th: layer(u(th), x.reshape(in_shape)).reshape(-1)
+  return xs, [t for t, _ in flat], [flat_layer(i) for i in range(len(model))]
 
+
+def _dynamics(model, params_list, inputs):
+  """``(A, B, outputs)``: the layer Jacobians in the flattened batch state."""
+  xs, thetas, fns = _flat_layers(model, params_list, inputs)
+  dtype = xs[-1].dtype
   A, B = [], []
-  for i in range(num):
-    fn, m = flat_layer(i), thetas[i].size
+  for i, (fn, theta) in enumerate(zip(fns, thetas)):
+    n_out = xs[i + 1].size
     if i == 0:
-      A.append(jnp.zeros((sizes[1], 0), dtype))
-      B.append(_jacobian(fn, 0, m, sizes[1])(thetas[0]))
+      A.append(jnp.zeros((n_out, 0), dtype))
+      B.append(_jacobian(fn, 0, theta.size, n_out)(theta))
     else:
-      a_i, b_i = _jacobian(fn, (0, 1), sizes[i] + m, sizes[i + 1])(
-          xs[i].reshape(-1), thetas[i])
+      a_i, b_i = _jacobian(fn, (0, 1), xs[i].size + theta.size, n_out)(
+          xs[i].reshape(-1), theta)
       A.append(a_i)
       B.append(b_i)
+  return [x.astype(dtype) for x in A], [x.astype(dtype) for x in B], xs[-1]
 
-  out_metric = geometry_lib.output_metric(geometry, loss, outputs, targets, key=key)
-  Q_N = _materialise(lambda e: out_metric(e.reshape(outputs.shape)).reshape(-1),
-                     sizes[num], dtype)
-  a = jax.grad(loss)(outputs, targets).reshape(-1)
 
-  Q = [jnp.zeros((n, n), dtype) for n in sizes[:num]]
-  M = [jnp.zeros((t.size, n), dtype) for t, n in zip(thetas, sizes[:num])]
-  R = [jnp.zeros((t.size, t.size), dtype) for t in thetas]
+def _terminal(loss, geometry, outputs, targets, key):
+  """``(Q_N, a)``: the output metric as a matrix and the output gradient."""
+  loss = losses_lib.get_loss(loss)
+  metric = geometry_lib.output_metric(geometry, loss, outputs, targets, key=key)
+  q_n = _materialise(lambda e: metric(e.reshape(outputs.shape)).reshape(-1),
+                     outputs.size, outputs.dtype)
+  return q_n, jax.grad(loss)(outputs, targets).reshape(-1)
 
-  if geometry.name == "newton":
-    # Costates p_{i+1} = ∂ℓ/∂x_{i+1}, from p_N = a backwards.
-    costate = a
-    for i in reversed(range(num)):
-      fn, m = flat_layer(i), thetas[i].size
-      if i == 0:
-        if m:
-          R[0] = _sym(jax.hessian(lambda th: costate @ fn(th))(thetas[0]))
-      else:
-        hamiltonian = lambda x, th, p=costate, fn=fn: p @ fn(x, th)
-        (hxx, _), (htx, htt) = jax.hessian(hamiltonian, argnums=(0, 1))(
-            xs[i].reshape(-1), thetas[i])
-        Q[i], M[i], R[i] = _sym(hxx), htx, _sym(htt)
-        costate = A[i].T @ costate
 
+def _newton_stage(model, params_list, inputs, A, a):
+  """Newton's ``(Q, M, R)``: Hessians of ``H_i = p_{i+1}ᵀ f_i(x_i, θ_i)``,
+  with the costates ``p_{i+1} = ∂ℓ/∂x_{i+1}`` swept back from ``p_N = a``."""
+  xs, thetas, fns = _flat_layers(model, params_list, inputs)
+  num = len(fns)
+  Q, M, R = [None] * num, [None] * num, [None] * num
+  costate = a
+  for i in reversed(range(num)):
+    fn, theta = fns[i], thetas[i]
+    if i == 0:
+      Q[0] = jnp.zeros((0, 0))
+      M[0] = jnp.zeros((theta.size, 0))
+      R[0] = _sym(jax.hessian(lambda th: costate @ fn(th))(theta))
+    else:
+      hamiltonian = lambda x, th, p=costate, fn=fn: p @ fn(x, th)
+      (hxx, _), (htx, htt) = jax.hessian(hamiltonian, argnums=(0, 1))(
+          xs[i].reshape(-1), theta)
+      Q[i], M[i], R[i] = _sym(hxx), htx, _sym(htt)
+      costate = A[i].T @ costate
+  return Q, M, R
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _stage_costs(sizes, counts, dtype, stage, metric, damping):
+  """``(Q, M, R)``: Newton's terms (or zeros), the intermediate metric on
+  ``Q_i`` and the damping on ``R_i``."""
+  if stage is None:
+    Q = [jnp.zeros((n, n), dtype) for n in sizes]
+    M = [jnp.zeros((m, n), dtype) for m, n in zip(counts, sizes)]
+    R = [jnp.zeros((m, m), dtype) for m in counts]
+  else:
+    Q, M, R = ([x.astype(dtype) for x in xs] for xs in stage)
   for i, w in metric.items():
     Q[i] = Q[i] + (w * jnp.eye(sizes[i], dtype=dtype) if jnp.ndim(w) == 0
                    else jnp.asarray(w, dtype))
-  R = [r + damping * jnp.eye(r.shape[0], dtype=dtype) for r in R]
-  return A, B, Q, M, R, Q_N, a
-
-
-# Compiled once per model, loss, geometry, shapes and intermediate keys.
-_problem_arrays_jit = jax.jit(_problem_arrays, static_argnums=(0, 1, 2))
+  R = [r + damping * jnp.eye(m, dtype=dtype) for r, m in zip(R, counts)]
+  return Q, M, R
 
 
 def riccati_step(problem: LQRProblem, *, allow_singular: bool = False) -> List[PyTree]:
