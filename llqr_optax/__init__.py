@@ -11,7 +11,8 @@ The package is laid out as the method is:
 - :mod:`llqr_optax.transform`: the optax transform.
 """
 
-from llqr_optax import fitting, losses, structures
+from llqr_optax import exact, fitting, losses, structures
+from llqr_optax.exact import cg_step, dense_step, exact_step
 from llqr_optax.geometry import (GEOMETRIES, Geometry, curvature_product,
                                  linearize, output_metric)
 from llqr_optax.losses import Loss
@@ -22,6 +23,6 @@ from llqr_optax.transform import (LLQRState, find_state, llqr, precondition,
 __version__ = "0.1.0"
 
 __all__ = [
-    "GEOMETRIES", "Geometry", "LLQRState", "Loss", "STRUCTURES",
-    "curvature_product", "find_state", "fitting", "linearize", "llqr", "losses",
+    "GEOMETRIES", "Geometry", "LLQRState", "Loss", "STRUCTURES", "cg_step",
+    "curvature_product", "dense_step", "exact", "exact_step", "find_state", "fitting", "linearize", "llqr", "losses",
     "output_metric", "precondition", "scale_by_llqr", "structures"]

@@ -10,6 +10,7 @@ current batch by minimising the LQR objective (see
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -40,6 +41,9 @@ class LLQRState(NamedTuple):
     skipped_updates: gradients that were not finite (their output was zeroed).
     objective: ``J`` after the last refit (lower is better; ``−½ gᵀA⁻¹g`` is
       its floor).
+    output_scale: the scalar ``c`` of the output ``c · U(g)``: 1, or with
+      ``normalize=True`` the gain that keeps ``‖c U g‖ ≈ ‖g‖`` on the last
+      refit's samples.
     reduction_ratio: ``ρ̂`` of the last refit: the actual change of the loss
       over the quadratic model's change, at the best-scaled preconditioned step
       on the refit batch (1 means the model is exact; it drives the damping
@@ -53,6 +57,7 @@ class LLQRState(NamedTuple):
   skipped_refits: jax.Array
   skipped_updates: jax.Array
   objective: jax.Array
+  output_scale: jax.Array
   reduction_ratio: jax.Array
 
 
@@ -137,13 +142,14 @@ def scale_by_llqr(
     loss: losses_lib.LossLike,
     geometry: geometry_lib.GeometryLike = "ggn",
     structure: structures.StructureSpec = "auto",
-    damping: float = 1e-3,
-    refit_every: int = 100,
-    num_chunks: int = 4,
+    damping: float = 1.0,
+    refit_every: int = 50,
+    num_chunks: int = 8,
     inner_steps: int = 10,
     inner_solver: str = "cg",
     ema: float = 0.9,
     adapt_damping: bool = False,
+    normalize: bool = False,
     max_dim: int = 1024,
     dense_max: int = 4096,
     seed: int = 0,
@@ -187,12 +193,18 @@ def scale_by_llqr(
     refit_every: refit period in steps (after the warm-up refits at steps 0,
       1, 2, 4, …).
     num_chunks: gradient samples per refit (the batch's leading axis is split).
-    inner_steps: inner solver steps per refit and block.
+    inner_steps: inner solver steps per refit and block. Few steps also
+      regularise: the fit sees only ``num_chunks`` gradient samples.
     inner_solver: ``"cg"`` (conjugate gradients, exact line search) or
       ``"sgd"`` (momentum SGD, lr 1e-3, clip 5, as the paper's code).
     ema: ``β`` of the exponential average of fitted structures across refits.
     adapt_damping: adapt ``λ`` from ``ρ̂`` (Levenberg-Marquardt: ×2/3 above
       0.75, ×3/2 below 0.25).
+    normalize: scale the output ``U(g)`` by one scalar per refit so that it
+      has the size of ``g`` (``output_scale``). The next transform sets the
+      step size anyway, and a steady scale keeps Adam's moment estimates valid
+      across refits. ``False`` keeps ``U ≈ (C + λI)⁻¹`` as is (a Newton-like
+      step at learning rate 1).
     max_dim: sides above this size use diagonal factors (Kronecker) or the
       identity basis (ekfac).
     dense_max: the largest leaf size allowed with ``"dense"``.
@@ -250,7 +262,8 @@ def scale_by_llqr(
         count=i32(0), preconditioner=precond,
         key=jax.random.PRNGKey(seed), damping=f32(damping), refits=i32(0),
         skipped_refits=i32(0), skipped_updates=i32(0),
-        objective=f32(jnp.nan), reduction_ratio=f32(jnp.nan))
+        objective=f32(jnp.nan), output_scale=f32(1.0),
+        reduction_ratio=f32(jnp.nan))
 
   def update_fn(updates, state, params=None, *, apply_fn: Optional[Callable] = None,
                 targets: Any = None, full_params: Any = None, **extra_args):
@@ -267,6 +280,10 @@ def scale_by_llqr(
     chunks = _static_int("num_chunks", num_chunks, 1)
     model_fn = _model_fn(apply_fn, params, full_params)
     grads_finite = _all_finite(updates)
+    if not adapt_damping:
+      # λ is the damping argument (optax.inject_hyperparams may change it),
+      # not the value stored at init; adapt_damping=True evolves it in state.
+      state = state._replace(damping=jnp.asarray(damping, jnp.float32))
 
     def do_refit(state):
       key, sub = jax.random.split(state.key)
@@ -298,11 +315,13 @@ def scale_by_llqr(
           refits=state.refits + ok.astype(jnp.int32),
           skipped_refits=state.skipped_refits + (~ok).astype(jnp.int32),
           objective=keep(result.objective.astype(jnp.float32), state.objective),
+          output_scale=keep(jnp.where(jnp.asarray(normalize), result.norm_ratio,
+                                      1.0).astype(jnp.float32), state.output_scale),
           reduction_ratio=keep(ratio, state.reduction_ratio))
 
     due = _refit_due(state.count, refit_every) & grads_finite
     state = jax.lax.cond(due, do_refit, lambda s: s, state)
-    out = structures.apply(state.preconditioner, updates)
+    out = _precondition(state, updates)
     out = jax.tree.map(lambda u: jnp.where(grads_finite, u, jnp.zeros_like(u)), out)
     state = state._replace(
         count=optax.safe_increment(state.count),
@@ -338,6 +357,18 @@ def llqr(*, learning_rate: Optional[optax.ScalarOrSchedule] = None,
   return optax.chain(precond, optax.scale_by_learning_rate(learning_rate))
 
 
+# optax.inject_hyperparams binds the factory's signature: expose the keyword
+# arguments of scale_by_llqr on llqr, whose own is (learning_rate, **kwargs).
+llqr.__signature__ = inspect.signature(scale_by_llqr).replace(parameters=[
+    inspect.Parameter("learning_rate", inspect.Parameter.KEYWORD_ONLY, default=None),
+    *inspect.signature(scale_by_llqr).parameters.values()])
+
+
+def _precondition(state: LLQRState, tree: PyTree) -> PyTree:
+  out = structures.apply(state.preconditioner, tree)
+  return jax.tree.map(lambda u: (state.output_scale * u).astype(u.dtype), out)
+
+
 def find_state(state: Any) -> LLQRState:
   """The first :class:`LLQRState` inside an optimizer state (e.g. a chain's).
 
@@ -367,7 +398,8 @@ def precondition(state: Any, tree: PyTree) -> PyTree:
     tree: a params-shaped pytree.
 
   Returns:
-    ``U(tree)``, with the dtypes of ``tree``.
+    ``c · U(tree)`` with ``c`` the state's ``output_scale`` (exactly what
+    llqr outputs between refits), with the dtypes of ``tree``.
 
   Example:
     >>> import jax.numpy as jnp, optax, llqr_optax
@@ -376,4 +408,4 @@ def precondition(state: Any, tree: PyTree) -> PyTree:
     >>> llqr_optax.precondition(state, {"w": jnp.ones(3)})["w"]
     Array([1., 1., 1.], dtype=float32)
   """
-  return structures.apply(find_state(state).preconditioner, tree)
+  return _precondition(find_state(state), tree)

@@ -22,11 +22,14 @@ class RefitResult(NamedTuple):
     step: ``δ = −α* U ḡ``, the best-scaled preconditioned step for the mean
       sample ``ḡ`` under the quadratic model.
     predicted: the model's change at that step, ``−½ (ḡᵀUḡ)² / (Uḡ)ᵀA(Uḡ)``.
+    norm_ratio: ``(Σ_c ‖g_c‖² / Σ_c ‖U g_c‖²)^½``, the gain that gives ``U``'s
+      outputs the size of its inputs on this refit's samples.
   """
   states: PyTree
   objective: jax.Array
   step: PyTree
   predicted: jax.Array
+  norm_ratio: jax.Array
 
 
 def _ema_fitted(old: PyTree, new: PyTree, beta) -> PyTree:
@@ -83,4 +86,7 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   alpha = jnp.where(ok, gu / jnp.where(ok, uau, 1.0), 0.0)
   step = jax.tree.map(lambda x: -alpha * x, u_bar)
   predicted = -0.5 * alpha * gu
-  return RefitResult(new, value, step, predicted)
+  uu = obj.tree_vdot(u, u)
+  norm_ratio = jnp.sqrt(obj.tree_vdot(problem.grads, problem.grads)
+                        / jnp.where(uu > 0, uu, 1.0))
+  return RefitResult(new, value, step, predicted, norm_ratio)

@@ -36,7 +36,7 @@ STRUCTURES: Dict[str, type] = {
 _BY_STATE = {cls.State: cls for cls in STRUCTURES.values()}
 
 #: What ``structure="auto"`` picks for a leaf with at least two axes.
-AUTO_MATRIX = "kronecker"
+AUTO_MATRIX = "diagonal"
 
 StructureSpec = Union[str, PyTree, Callable[[Tuple[Any, ...], Tuple[int, ...]], str]]
 
