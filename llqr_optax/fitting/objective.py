@@ -104,8 +104,12 @@ def block_value_and_grad(problem: Problem, states: PyTree, k: int,
 def block_hvp(problem: Problem, states: PyTree, k: int, direction: PyTree) -> PyTree:
   """``∇²J · direction`` in block ``k`` (``J`` is quadratic there)."""
   n = _num_samples(problem)
-  u, pullback = jax.vjp(
-      lambda b: precondition_samples(merge_block(states, k, b), problem.grads),
-      direction)
+  fn = lambda b: precondition_samples(merge_block(states, k, b), problem.grads)
+  # ``U g`` is affine, not linear, in block ``k`` when some leaves have no block
+  # ``k`` (a diagonal bias next to a Kronecker kernel): only the linear part,
+  # the ``jvp``, enters the Hessian product.
+  block = split_block(states, k)
+  _, u = jax.jvp(fn, (block,), (direction,))
+  _, pullback = jax.vjp(fn, block)
   au = jax.vmap(problem.matvec)(u)
   return pullback(jax.tree.map(lambda a: a / n, au))[0]
