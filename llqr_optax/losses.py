@@ -30,6 +30,19 @@ Array = jax.Array
 class Loss:
   """A loss on outputs and the structure the curvature products need.
 
+  Built-in losses are means over the ``n`` events of the outputs,
+
+  .. math::
+
+     \\ell(z, t) = \\frac{1}{n} \\sum_{e=1}^{n} \\ell_e(z_e, t_e),
+     \\qquad \\ell_e(z_e, t_e) = -\\log p(t_e \\mid z_e)
+     \\text{ (up to a constant)},
+
+  where ``p(· | z_e)`` is the named predictive ``distribution``, which the
+  Fisher, Monte-Carlo Fisher and divergence geometries need. A user loss
+  (``distribution=None``) supports ``"ggn"``, ``"newton"`` and
+  ``"empirical_fisher"``.
+
   Attributes:
     name: a readable name, used in error messages.
     fn: ``fn(outputs, targets) -> scalar``, a mean over events.
@@ -40,6 +53,15 @@ class Loss:
       ``None`` for a user loss (no Fisher, no sampling, no divergences).
     check: ``check(outputs, targets)`` raises ``ValueError`` on shapes or
       dtypes that do not fit; runs at trace time on static shapes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax import Loss
+    >>> l1 = Loss("mean_abs", lambda z, t: jnp.mean(jnp.abs(z - t)), event_ndim=0)
+    >>> float(l1(jnp.array([1.0, -3.0]), jnp.zeros(2)))
+    2.0
+    >>> l1.num_events(jnp.zeros((4, 5)))
+    20
   """
 
   name: str

@@ -31,6 +31,21 @@ _MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8
 class LLQRState(NamedTuple):
   """State of :func:`scale_by_llqr`: a pytree of arrays, checkpointable.
 
+  Between refits the transform outputs ``c · U(g)`` with the stored
+  preconditioner ``U`` and scale ``c``; at a refit ``U`` is refitted to
+
+  .. math::
+
+     J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U g_c
+       + \\tfrac12 (U g_c)^\\top (C + \\lambda I) (U g_c) \\Big],
+     \\qquad
+     \\hat\\rho = \\frac{\\ell(\\theta + \\delta) - \\ell(\\theta)}
+       {m(\\delta)}, \\quad \\delta = -\\alpha^\\star U \\bar g,
+
+  with :math:`m` the quadratic model and :math:`\\alpha^\\star` its best step
+  size along :math:`-U \\bar g` (``objective`` is the first, after the refit;
+  ``reduction_ratio`` the second).
+
   Attributes:
     count: steps seen.
     preconditioner: per-leaf structure states (float32), shaped like params.
@@ -48,6 +63,19 @@ class LLQRState(NamedTuple):
       over the quadratic model's change, at the best-scaled preconditioned step
       on the refit batch (1 means the model is exact; it drives the damping
       when ``adapt_damping=True``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, llqr_optax
+    >>> tx = llqr_optax.llqr(loss="squared_error")
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> int(state.refits), int(state.skipped_updates), float(state.damping)
+    (0, 0, 1.0)
+    >>> bool(jnp.isnan(state.reduction_ratio))  # nan until the first refit
+    True
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   count: jax.Array
   preconditioner: PyTree
@@ -337,7 +365,15 @@ def llqr(*, learning_rate: Optional[optax.ScalarOrSchedule] = None,
 
   With ``learning_rate=None`` this is :func:`scale_by_llqr`, to chain before
   another optimizer: ``optax.chain(llqr(loss=...), optax.adam(1e-3))``. With a
-  learning rate it is a complete optimizer, ``θ ← θ − η U(g)``.
+  learning rate it is a complete optimizer,
+
+  .. math::
+
+     \\theta_{t+1} = \\theta_t - \\eta_t\\, U_t(g_t),
+     \\qquad U_t \\approx (C_t + \\lambda I)^{-1},
+
+  where ``U_t`` is the structured inverse last fitted by :func:`scale_by_llqr`
+  (``η_t = 1`` and the default damping give a damped Newton-like step).
 
   Args:
     learning_rate: ``η``, a float or an optax schedule, or ``None``.
@@ -347,9 +383,24 @@ def llqr(*, learning_rate: Optional[optax.ScalarOrSchedule] = None,
     An :class:`optax.GradientTransformationExtraArgs`.
 
   Example:
-    >>> import optax, llqr_optax
-    >>> tx = optax.chain(llqr_optax.llqr(loss="softmax_cross_entropy"),
-    ...                  optax.adam(1e-3))
+    >>> import jax, jax.numpy as jnp, optax, llqr_optax
+    >>> x, y = jnp.ones((8, 3)), jnp.ones((8, 1))
+    >>> params = {"w": jnp.zeros((3, 1))}
+    >>> apply_fn = lambda p: x @ p["w"]
+    >>> tx = llqr_optax.llqr(loss="squared_error", learning_rate=0.5)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: 0.5 * jnp.mean((apply_fn(p) - y) ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params, apply_fn=apply_fn,
+    ...                            targets=y)
+    >>> params = optax.apply_updates(params, updates)
+    >>> float(jnp.mean((apply_fn(params) - y) ** 2)) < 1.0  # the loss fell
+    True
+    >>> int(llqr_optax.find_state(state).refits)
+    1
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   precond = scale_by_llqr(**kwargs)
   if learning_rate is None:
@@ -372,6 +423,19 @@ def _precondition(state: LLQRState, tree: PyTree) -> PyTree:
 def find_state(state: Any) -> LLQRState:
   """The first :class:`LLQRState` inside an optimizer state (e.g. a chain's).
 
+  The state is searched depth-first, so it works through ``optax.chain``,
+  ``optax.inject_hyperparams``, ``optax.masked``, ``optax.MultiSteps`` and
+  any other wrapper that keeps its inner states in a pytree.
+
+  Args:
+    state: an optimizer state, or an :class:`LLQRState` (returned as is).
+
+  Returns:
+    The :class:`LLQRState`; its diagnostics are scalar arrays.
+
+  Raises:
+    ValueError: if ``state`` holds no :class:`LLQRState`.
+
   Example:
     >>> import jax.numpy as jnp, optax, llqr_optax
     >>> tx = optax.chain(llqr_optax.llqr(loss="squared_error"), optax.sgd(0.1))
@@ -391,6 +455,11 @@ def find_state(state: Any) -> LLQRState:
 def precondition(state: Any, tree: PyTree) -> PyTree:
   """Applies the current preconditioner ``U`` of an llqr state to ``tree``.
 
+  .. math::
+
+     v \\mapsto c \\cdot U(v) = c \\cdot \\operatorname{blockdiag}_l(U_l)\\, v,
+
+  leaf by leaf, with the stored per-leaf structures ``U_l`` and scale ``c``.
   No refit, no state change: for analysis, SAM-style perturbations and tests.
 
   Args:
@@ -407,5 +476,9 @@ def precondition(state: Any, tree: PyTree) -> PyTree:
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> llqr_optax.precondition(state, {"w": jnp.ones(3)})["w"]
     Array([1., 1., 1.], dtype=float32)
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   return _precondition(find_state(state), tree)

@@ -28,6 +28,15 @@ Layer = Callable[[PyTree, Array], Array]
 class Sequential:
   """An ordered chain of layer functions ``f_i(params_i, x) -> x'``.
 
+  The network, as the layerwise LQR reference sees it:
+
+  .. math::
+
+     x_{i+1} = f_i(\\theta_i, x_i), \\qquad i = 0, \\dots, N - 1,
+
+  ``x_0`` the input batch and ``x_N`` the outputs. Construct it with the
+  layer functions; the parameters stay outside, one entry per layer.
+
   Attributes:
     layers: the layer functions, in order. Each takes its own parameters (any
       pytree, ``None`` for none) and the batch state, and returns the next
@@ -42,6 +51,12 @@ class Sequential:
     ...           {"w": jnp.ones((2, 1)), "b": jnp.zeros(1)}]
     >>> model.apply(params, jnp.ones((4, 3))).tolist()
     [[4.0], [4.0], [4.0], [4.0]]
+    >>> [x.shape for x in model.activations(params, jnp.ones((4, 3)))]
+    [(4, 3), (4, 2), (4, 2), (4, 1)]
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   layers: Tuple[Layer, ...]
@@ -90,6 +105,21 @@ class Sequential:
 def as_sequential(model) -> Sequential:
   """A :class:`Sequential`, or a sequence of layer functions made into one.
 
+  .. math::
+
+     (f_0, \\dots, f_{N-1}) \\;\\mapsto\\;
+     x \\mapsto f_{N-1}(\\theta_{N-1}, \\cdots f_0(\\theta_0, x)).
+
+  Args:
+    model: a :class:`Sequential` (returned as is), or a list or tuple of layer
+      functions ``f_i(params_i, x) -> x'``.
+
+  Returns:
+    A :class:`Sequential`.
+
+  Raises:
+    ValueError: for anything else.
+
   Example:
     >>> import jax.numpy as jnp
     >>> len(as_sequential([lambda p, x: x @ p, lambda p, x: jnp.tanh(x)]))
@@ -126,6 +156,12 @@ def _plain_layer(fn):
 def from_flax_sequential(module, variables) -> Tuple[Sequential, List[PyTree]]:
   """Splits a ``flax.linen.Sequential`` into layer functions and params.
 
+  .. math::
+
+     \\texttt{module.apply}(\\text{variables}, x)
+       = f_{N-1}(\\theta_{N-1}, \\cdots f_0(\\theta_0, x)),
+
+  with ``f_i`` the ``i``-th entry of the module and ``θ_i`` its parameters.
   Linen names the ``i``-th entry of ``Sequential(layers)`` ``layers_i`` and
   stores its parameters at ``variables["params"]["layers_i"]``; parameter-free
   entries (``nn.relu``, ``jnp.tanh``, a module without parameters) have no
@@ -152,6 +188,10 @@ def from_flax_sequential(module, variables) -> Tuple[Sequential, List[PyTree]]:
     [False, True, False]
     >>> bool(jnp.allclose(model.apply(params_list, x), net.apply(variables, x)))
     True
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 

@@ -53,6 +53,16 @@ Intermediate = Optional[Mapping[int, Union[float, Array]]]
 class LQRProblem(NamedTuple):
   """The dense LQR problem of one batch; index ``i`` is layer ``i``.
 
+  The dynamics and the cost of the step ``δθ``:
+
+  .. math::
+
+     \\delta x_{i+1} = A_i \\delta x_i + B_i \\delta\\theta_i, \\qquad
+     J = \\sum_i \\tfrac12 \\big[\\delta x_i^\\top Q_i \\delta x_i
+       + 2\\, \\delta\\theta_i^\\top M_i \\delta x_i
+       + \\delta\\theta_i^\\top R_i \\delta\\theta_i\\big]
+       + a^\\top \\delta x_N + \\tfrac12\\, \\delta x_N^\\top Q_N \\delta x_N .
+
   With ``n_i`` the size of the flattened batch state ``x_i`` (``n_0 = 0``: the
   input is not perturbed) and ``m_i`` the number of parameters of layer ``i``:
 
@@ -70,6 +80,19 @@ class LQRProblem(NamedTuple):
     unravel: ``unravel[i]`` maps a flat vector of length ``m_i`` back to layer
       ``i``'s parameter pytree.
     damping: the ``λ`` added to every ``R[i]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax.exact import Sequential, lqr_problem
+    >>> model = Sequential((lambda w, x: x @ w,))
+    >>> problem = lqr_problem(model, [jnp.zeros((3, 2))], jnp.ones((4, 3)),
+    ...                       jnp.ones((4, 2)), loss="squared_error", damping=1.0)
+    >>> problem.B[0].shape, problem.Q_N.shape, problem.a.shape
+    ((8, 6), (8, 8), (8,))
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   A: List[Array]
@@ -181,6 +204,10 @@ def intermediate_curvature(model, params_list: Sequence[PyTree], inputs: Array,
     >>> cvp = intermediate_curvature(model, [2.0, 3.0], jnp.ones(1), {1: 0.5})
     >>> [float(c) for c in cvp([1.0, 1.0])]  # x_1 = w_0 x_0: 0.5 · 1 · 1
     [0.5, 0.0]
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   model = layers_lib.as_sequential(model)
   model.check_params(params_list)
@@ -252,6 +279,10 @@ def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
     ...                       damping=1e-3)
     >>> [b.shape for b in problem.B], problem.A[1].shape, problem.Q_N.shape
     ([(20, 12), (10, 8)], (10, 20), (10, 10))
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   model = layers_lib.as_sequential(model)
   model.check_params(params_list)
@@ -417,6 +448,10 @@ def riccati_step(problem: LQRProblem, *, allow_singular: bool = False) -> List[P
     ...                  loss="squared_error", damping=0.1)
     >>> all(bool(jnp.allclose(s, r, atol=1e-5)) for s, r in zip(step, ref))
     True
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   _checks.check_solve_damping(problem.damping, allow_singular=allow_singular,
                               where="riccati_step")
@@ -465,7 +500,16 @@ def exact_step(model, params_list: Sequence[PyTree], inputs: Array,
   """The exact damped layerwise-LQR step :math:`-(C + \\lambda I)^{-1} g`.
 
   :func:`lqr_problem` then :func:`riccati_step`; jit-compatible with the model
-  and the ``intermediate`` keys static.
+  and the ``intermediate`` keys static. The result is
+
+  .. math::
+
+     \\delta\\theta^\\star = \\arg\\min_{\\delta\\theta}
+       \\; g^\\top \\delta\\theta + \\tfrac12\\, \\delta\\theta^\\top
+       (C + \\lambda I)\\, \\delta\\theta = -(C + \\lambda I)^{-1} g,
+
+  with ``C`` the geometry's curvature (plus the intermediate metric's), found
+  layer by layer without forming ``C``.
 
   Args:
     model: a :class:`~llqr_optax.exact.Sequential`.
@@ -491,6 +535,10 @@ def exact_step(model, params_list: Sequence[PyTree], inputs: Array,
     ...                   loss="squared_error", damping=1.0)
     >>> bool(jnp.allclose(step[0], 0.2))  # -(xᵀx/8 + I)⁻¹ g, g = -0.5
     True
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   problem = lqr_problem(model, params_list, inputs, targets, loss=loss,
                         geometry=geometry, damping=damping,

@@ -85,6 +85,10 @@ def dense_curvature(apply_fn: Callable[[PyTree], Array], params: PyTree,
     ...                     loss="squared_error")
     >>> c.tolist()  # xᵀx / 4
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   flat, unravel = ravel_pytree(params)
   product = _curvature(apply_fn, params, targets, loss=loss, geometry=geometry,
@@ -104,8 +108,15 @@ def dense_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
   """The damped step :math:`-(C + \\lambda I)^{-1} g` by a dense solve.
 
   ``C`` comes from :func:`dense_curvature`; the solve is
-  ``jnp.linalg.solve``. Cost ``O(P)`` curvature products and ``O(P³)`` flops:
-  a reference for models of up to a few thousand parameters.
+  ``jnp.linalg.solve``:
+
+  .. math::
+
+     \\delta\\theta^\\star = -(C + \\lambda I)^{-1} g, \\qquad
+     g = \\nabla_\\theta\\, \\ell(\\text{apply\\_fn}(\\theta), t).
+
+  Cost ``O(P)`` curvature products and ``O(P³)`` flops: a reference for
+  models of up to a few thousand parameters.
 
   Args:
     apply_fn: ``apply_fn(params) -> outputs``, closing over the inputs.
@@ -129,6 +140,10 @@ def dense_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
     ...                   loss="squared_error", damping=1.0)
     >>> bool(jnp.allclose(step, 0.2))  # -(xᵀx/8 + I)⁻¹ g with g = -0.5
     True
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   _checks.check_solve_damping(damping, allow_singular=allow_singular,
                               where="dense_step")
@@ -152,7 +167,12 @@ def cg_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
 
   Matrix-free: every iteration is one curvature product (a ``jvp`` and a
   ``vjp``, or a Hessian-vector product for Newton), on pytrees, with
-  ``jax.scipy.sparse.linalg.cg``. CG needs ``C + λI`` symmetric positive
+  ``jax.scipy.sparse.linalg.cg`` on
+
+  .. math::
+
+     (C + \\lambda I)\\, \\delta\\theta = -g .
+ CG needs ``C + λI`` symmetric positive
   definite: true for every geometry but Newton when ``λ > 0``; for Newton the
   damping must exceed minus the Hessian's smallest eigenvalue. The iteration
   stops when :math:`\\|(C + \\lambda I) x + g\\| \\le \\text{tol}\\, \\|g\\|`
@@ -182,6 +202,10 @@ def cg_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
     ...                loss="squared_error", damping=1.0, tol=1e-6)
     >>> bool(jnp.allclose(step, 0.2))
     True
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   _checks.check_solve_damping(damping, allow_singular=allow_singular,
                               where="cg_step")

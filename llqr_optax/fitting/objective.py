@@ -68,7 +68,29 @@ def _num_samples(problem: Problem) -> int:
 
 
 def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTree]:
-  """``J(U)`` with the samples ``u_c = U g_c`` and their products ``A u_c``."""
+  """``J(U)`` with the samples ``u_c = U g_c`` and their products ``A u_c``.
+
+  .. math::
+
+     J(U) = \\frac{1}{n_c} \\sum_c u_c^\\top \\big(\\tfrac12 A u_c - g_c\\big),
+     \\qquad u_c = U g_c .
+
+  Args:
+    problem: the gradient samples and ``v -> A v``.
+    states: per-leaf structure states.
+
+  Returns:
+    ``(J, u, Au)``, ``u`` and ``Au`` with a leading sample axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax import fitting, structures
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}  # two samples, leaf (2,)
+    >>> problem = fitting.Problem(g, lambda v: {"w": 2.0 * v["w"]})  # A = 2I
+    >>> value, u, au = fitting.evaluate(problem, structures.init({"w": jnp.ones(2)}, "diagonal"))
+    >>> float(value), au["w"].tolist()  # (½·2·1 - 1 + ½·2·4 - 4) / 2
+    (0.0, [[2.0, 0.0], [0.0, 4.0]])
+  """
   u = precondition_samples(states, problem.grads)
   au = jax.vmap(problem.matvec)(u)
   half = jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)
@@ -78,6 +100,21 @@ def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTre
 def lqr_objective(problem: Problem, states: PyTree) -> jax.Array:
   """``J(U)`` for the preconditioners in ``states``.
 
+  .. math::
+
+     J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U g_c
+       + \\tfrac12 (U g_c)^\\top A\\, (U g_c) \\Big].
+
+  Over unconstrained ``U`` its minimiser is ``A⁻¹`` on the span of the
+  samples, with value ``−½ Σ_c g_cᵀA⁻¹g_c / n_c``.
+
+  Args:
+    problem: the gradient samples and ``v -> A v``.
+    states: per-leaf structure states.
+
+  Returns:
+    ``J``, a float32 scalar.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from llqr_optax import structures
@@ -85,13 +122,50 @@ def lqr_objective(problem: Problem, states: PyTree) -> jax.Array:
     >>> problem = Problem(g, lambda v: v)  # A = I
     >>> float(lqr_objective(problem, structures.init({"w": jnp.ones(3)}, "scalar")))
     -1.5
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   return evaluate(problem, states)[0]
 
 
 def block_value_and_grad(problem: Problem, states: PyTree, k: int,
                          block: PyTree) -> Tuple[jax.Array, PyTree]:
-  """``J`` and ``∂J/∂block``: products ``A u_c`` pulled back through ``U``."""
+  """``J`` and ``∂J/∂block``: products ``A u_c`` pulled back through ``U``.
+
+  .. math::
+
+     \\frac{\\partial J}{\\partial u_c} = \\frac{1}{n_c}\\,(A u_c - g_c),
+     \\qquad
+     \\frac{\\partial J}{\\partial \\theta_k}
+       = \\sum_c \\Big(\\frac{\\partial u_c}{\\partial \\theta_k}\\Big)^{\\!\\top}
+         \\frac{\\partial J}{\\partial u_c},
+
+  one curvature product per sample, then a ``vjp`` through ``U``.
+
+  Args:
+    problem: the gradient samples and ``v -> A v``.
+    states: per-leaf structure states (the other blocks are held fixed).
+    k: the block index (see :attr:`Structure.blocks`).
+    block: the values of block ``k`` at which to evaluate, as from
+      ``split_block(states, k)``.
+
+  Returns:
+    ``(J, grad)`` with ``grad`` shaped like ``block``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax import fitting, structures
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}  # two samples, leaf (2,)
+    >>> problem = fitting.Problem(g, lambda v: {"w": 2.0 * v["w"]})  # A = 2I
+    >>> from llqr_optax.fitting import objective
+    >>> states = structures.init({"w": jnp.ones(2)}, "scalar")
+    >>> value, grad = fitting.block_value_and_grad(
+    ...     problem, states, 0, objective.split_block(states, 0))
+    >>> float(value), float(grad["w"][0])  # J(s) = 2.5 s² - 2.5 s at s = 1
+    (0.0, 2.5)
+  """
   n = _num_samples(problem)
   u, pullback = jax.vjp(
       lambda b: precondition_samples(merge_block(states, k, b), problem.grads), block)

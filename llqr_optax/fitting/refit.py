@@ -16,7 +16,15 @@ PyTree = Any
 
 
 class RefitResult(NamedTuple):
-  """Attributes:
+  """What one refit returns: the new states and the fit's diagnostics.
+
+  .. math::
+
+     \\alpha^\\star = \\frac{\\bar g^\\top U \\bar g}{(U\\bar g)^\\top A (U \\bar g)},
+     \\qquad \\delta = -\\alpha^\\star U \\bar g, \\qquad
+     m(\\delta) = -\\tfrac12 \\frac{(\\bar g^\\top U \\bar g)^2}{(U\\bar g)^\\top A (U\\bar g)} .
+
+  Attributes:
     states: the new per-leaf preconditioner states.
     objective: ``J`` of the new states on the refit problem.
     step: ``δ = −α* U ḡ``, the best-scaled preconditioned step for the mean
@@ -24,6 +32,15 @@ class RefitResult(NamedTuple):
     predicted: the model's change at that step, ``−½ (ḡᵀUḡ)² / (Uḡ)ᵀA(Uḡ)``.
     norm_ratio: ``(Σ_c ‖g_c‖² / Σ_c ‖U g_c‖²)^½``, the gain that gives ``U``'s
       outputs the size of its inputs on this refit's samples.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax import fitting, structures
+    >>> problem = fitting.Problem({"w": jnp.ones((2, 3))}, lambda v: v)  # A = I
+    >>> result = fitting.refit(problem, structures.init({"w": jnp.ones(3)}, "scalar"),
+    ...                        steps=5, first=True)
+    >>> float(result.predicted), float(result.objective)  # -½ ‖ḡ‖², J at U = I
+    (-1.5, -1.5)
   """
   states: PyTree
   objective: jax.Array
@@ -62,6 +79,27 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
 
   Returns:
     A :class:`RefitResult`.
+
+  With :math:`\\theta` the fitted fields of the structures, the refit is
+
+  .. math::
+
+     \\theta \\leftarrow \\beta\\, \\theta_{\\text{old}}
+       + (1 - \\beta) \\operatorname{CG}_{\\text{steps}}\\big(J; \\theta_{\\text{old}}\\big).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax import fitting, structures
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+    >>> problem = fitting.Problem(g, lambda v: {"w": jnp.array([2.0, 4.0]) * v["w"]})
+    >>> result = fitting.refit(problem, structures.init({"w": jnp.ones(2)}, "diagonal"),
+    ...                        steps=5, ema=0.0, first=True)
+    >>> result.states["w"].diag  # A⁻¹ = diag(1/2, 1/4)
+    Array([0.5 , 0.25], dtype=float32)
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   first = jnp.asarray(first)
   beta = jnp.where(first, 0.0, ema)

@@ -22,7 +22,21 @@ def matrix_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
   """A leaf seen as a ``(fan_in, fan_out)`` matrix.
 
   Dense kernels ``(in, out)`` stay as they are; conv kernels ``(h, w, c_in,
-  c_out)`` become ``(h·w·c_in, c_out)``; vectors become ``(size, 1)``.
+  c_out)`` become ``(h·w·c_in, c_out)``; vectors become ``(size, 1)``:
+
+  .. math::
+
+     (d_1, \\dots, d_k) \\mapsto \\Big(\\prod_{j<k} d_j,\\; d_k\\Big).
+
+  Args:
+    shape: the leaf's shape.
+
+  Returns:
+    ``(fan_in, fan_out)``.
+
+  Example:
+    >>> matrix_shape((3, 3, 64, 128)), matrix_shape((40, 100)), matrix_shape((7,))
+    ((576, 128), (40, 100), (7, 1))
   """
   if len(shape) <= 1:
     return (math.prod(shape), 1)
@@ -32,8 +46,36 @@ def matrix_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
 class Structure:
   """Base class of the structures: class-level functions, no instances.
 
+  A structure is a family of linear maps ``U_θ`` on one leaf, fitted by
+  minimising the LQR objective (see :mod:`llqr_optax.fitting`)
+
+  .. math::
+
+     J(\\theta) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U_\\theta g_c
+       + \\tfrac12 (U_\\theta g_c)^\\top (C + \\lambda I) (U_\\theta g_c) \\Big],
+
+  which is quadratic in each block of ``θ`` because ``U_θ`` is linear in it.
   Subclasses set ``name``, ``State`` (a NamedTuple of float32 arrays) and
   ``blocks``, and implement :meth:`init` and :meth:`apply`.
+
+  Attributes:
+    name: the name used in ``structure=...``.
+    State: the ``NamedTuple`` type of a leaf's state.
+    blocks: groups of state fields fitted together, in alternation.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax.structures import Diagonal
+    >>> state = Diagonal.init((2, 3), max_dim=1024)
+    >>> Diagonal.apply(state._replace(diag=2 * state.diag), jnp.ones((2, 3)))
+    Array([[2., 2., 2.],
+           [2., 2., 2.]], dtype=float32)
+    >>> Diagonal.blocks, Diagonal.memory(state)
+    ((('diag',),), 6)
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name: ClassVar[str]
@@ -42,12 +84,29 @@ class Structure:
 
   @classmethod
   def init(cls, shape: Tuple[int, ...], *, max_dim: int) -> NamedTuple:
-    """The identity map on a leaf of ``shape``."""
+    """The identity map on a leaf of ``shape``.
+
+    Args:
+      shape: the leaf's shape.
+      max_dim: sides above this size use a diagonal factor or basis.
+
+    Returns:
+      The structure's state (a ``NamedTuple`` of float32 arrays) for which
+      :meth:`apply` is the identity.
+    """
     raise NotImplementedError
 
   @classmethod
   def apply(cls, state: NamedTuple, g: Array) -> Array:
-    """``U_θ(g)`` for one leaf ``g`` (float32 in, float32 out)."""
+    """``U_θ(g)`` for one leaf ``g`` (float32 in, float32 out).
+
+    Args:
+      state: the structure's state ``θ``.
+      g: an array shaped like the leaf.
+
+    Returns:
+      ``U_θ(g)``, shaped like ``g``.
+    """
     raise NotImplementedError
 
   @classmethod

@@ -9,7 +9,15 @@ from llqr_optax.structures.base import Structure
 
 
 class DenseState(NamedTuple):
-  """``matrix``: the full ``size × size`` map on the flattened leaf."""
+  """State of :class:`Dense`.
+
+  Attributes:
+    matrix: ``M``, the full ``size × size`` map on the flattened leaf.
+
+  Example:
+    >>> Dense.init((2, 3), max_dim=1024).matrix.shape
+    (6, 6)
+  """
   matrix: jax.Array
 
 
@@ -19,6 +27,22 @@ class Dense(Structure):
 
   With enough gradient samples its LQR fit is exactly the damped inverse
   curvature block of the leaf. Memory is ``size²``: for tiny leaves only.
+
+  .. math::
+
+     U(G) = \\operatorname{unvec}\\big(M \\operatorname{vec}(G)\\big), \\qquad
+     M^\\star = \\arg\\min_M J(M).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> state = Dense.init((2,), max_dim=1024)
+    >>> Dense.apply(state._replace(matrix=jnp.array([[0.0, 1.0], [1.0, 0.0]])),
+    ...             jnp.array([1.0, 2.0]))
+    Array([2., 1.], dtype=float32)
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name = "dense"

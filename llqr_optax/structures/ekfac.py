@@ -16,10 +16,21 @@ from llqr_optax.structures import base
 
 
 class EigenKroneckerState(NamedTuple):
-  """``scale`` ``S`` (leaf as a matrix), bases and covariances per side.
+  """State of :class:`EigenKronecker`.
 
   A side larger than ``max_dim`` keeps the identity basis, stored as a vector
   of ones, and a vector of second moments.
+
+  Attributes:
+    scale: ``S``, the fitted scales in the eigenbasis, ``(fan_in, fan_out)``.
+    basis_in: ``Q_A``, eigenvectors of ``cov_in``.
+    basis_out: ``Q_G``, eigenvectors of ``cov_out``.
+    cov_in: EMA of the normalised row covariance ``E[G Gᵀ]``.
+    cov_out: EMA of the normalised column covariance ``E[Gᵀ G]``.
+
+  Example:
+    >>> [x.shape for x in EigenKronecker.init((4, 3), max_dim=1024)]
+    [(4, 3), (4, 4), (3, 3), (4, 4), (3, 3)]
   """
   scale: jax.Array
   basis_in: jax.Array
@@ -41,7 +52,29 @@ def _from_eigenbasis(q_in, q_out, x):
 
 
 class EigenKronecker(base.Structure):
-  """:math:`U(G) = Q_A \\big[(Q_A^\\top G Q_G) \\odot S\\big] Q_G^\\top`."""
+  """A learned diagonal in a Kronecker eigenbasis (EKFAC-like).
+
+  .. math::
+
+     U(G) = Q_A \\big[(Q_A^\\top G Q_G) \\odot S\\big] Q_G^\\top,
+
+  with ``Q_A``, ``Q_G`` the eigenvectors of moving averages of the gradient's
+  row and column covariances (updated at each refit, not fitted) and the
+  scales ``S`` fitted: ``J`` is quadratic in ``S``. State
+  ``fan_in·fan_out + 2 fan_in² + 2 fan_out²``; an eigendecomposition per side
+  at every refit.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> state = EigenKronecker.init((2, 2), max_dim=1024)
+    >>> EigenKronecker.apply(state._replace(scale=3 * state.scale), jnp.eye(2))
+    Array([[3., 0.],
+           [0., 3.]], dtype=float32)
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
+  """
 
   name = "ekfac"
   State = EigenKroneckerState

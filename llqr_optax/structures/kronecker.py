@@ -8,9 +8,17 @@ from llqr_optax.structures import base
 
 
 class KroneckerState(NamedTuple):
-  """``left`` (``fan_in²``) and ``right`` (``fan_out²``) factors.
+  """State of :class:`Kronecker`: the factors of :math:`U = R^\\top \\otimes L`.
 
   A side larger than ``max_dim`` holds a vector: a diagonal factor.
+
+  Attributes:
+    left: ``L``, ``(fan_in, fan_in)`` (or ``(fan_in,)``).
+    right: ``R``, ``(fan_out, fan_out)`` (or ``(fan_out,)``).
+
+  Example:
+    >>> [x.shape for x in Kronecker.init((3, 3, 4, 5), max_dim=1024)]
+    [(36, 36), (5, 5)]
   """
   left: jax.Array
   right: jax.Array
@@ -21,7 +29,26 @@ class Kronecker(base.Structure):
   :math:`U(G) = L\\,G\\,R`, i.e. :math:`U = R^\\top \\otimes L` on
   :math:`\\operatorname{vec}(G)`.
 
-  ``U`` is bilinear, so the two factors are fitted in alternation.
+  ``U`` is bilinear, so the two factors are fitted in alternation: ``J`` is
+  quadratic in ``L`` for a fixed ``R`` and in ``R`` for a fixed ``L``.
+  State ``fan_in² + fan_out²``; two matrix products per application.
+
+  .. math::
+
+     U(G) = L\\, G\\, R, \\qquad
+     \\operatorname{vec}(L G R) = (R^\\top \\otimes L) \\operatorname{vec}(G).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> state = Kronecker.init((2, 2), max_dim=1024)
+    >>> state = state._replace(left=2 * state.left, right=jnp.array([[0.0, 1.0], [1.0, 0.0]]))
+    >>> Kronecker.apply(state, jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+    Array([[4., 2.],
+           [8., 6.]], dtype=float32)
+
+  References:
+    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
+    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name = "kronecker"

@@ -9,12 +9,35 @@ from llqr_optax.structures.base import Structure
 
 
 class ScalarState(NamedTuple):
-  """``scale``: the scalar ``s``."""
+  """State of :class:`Scalar`.
+
+  Attributes:
+    scale: the scalar ``s`` (a float32 array of shape ``()``).
+
+  Example:
+    >>> ScalarState(scale=2.0).scale
+    2.0
+  """
   scale: jax.Array
 
 
 class Scalar(Structure):
-  """One learned step size per leaf: :math:`U(G) = s\\,G`."""
+  """One learned step size per leaf: :math:`U(G) = s\\,G`.
+
+  .. math::
+
+     J(s) = -s \\sum_c \\|g_c\\|^2 / n_c + \\tfrac{s^2}{2} \\sum_c g_c^\\top A g_c / n_c
+     \\;\\Rightarrow\\; s^\\star = \\frac{\\sum_c \\|g_c\\|^2}{\\sum_c g_c^\\top A g_c},
+
+  with ``A = C + λI`` (on one leaf alone; with other leaves the fit is joint).
+  One float of state; it rescales the gradient, never changes its direction.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> state = Scalar.init((2, 3), max_dim=1024)
+    >>> Scalar.apply(state._replace(scale=jnp.float32(0.5)), jnp.ones((2, 3))).sum()
+    Array(3., dtype=float32)
+  """
 
   name = "scalar"
   State = ScalarState
