@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo clean
+.PHONY: test demo notebooks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,11 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The docstring examples run in their own pytest process, before the suite:
+# some test modules enable float64 globally, which the examples must not see.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q --doctest-modules llqr_optax
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
+
+# Executes every notebook, with its outputs, into notebooks/out/ (git-ignored).
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

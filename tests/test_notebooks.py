@@ -1,0 +1,57 @@
+"""The notebooks run top to bottom, and are committed without outputs.
+
+Each notebook in ``notebooks/`` is executed with nbclient in a fresh kernel of
+this very interpreter (``ipykernel`` from the test extra; no kernel is
+registered globally). Run times are printed (``pytest -s``), never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+from jupyter_client.manager import KernelManager
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+EXPECTED = {"quickstart.ipynb", "exact_lqr.ipynb", "structures.ipynb"}
+CELL_TIMEOUT_S = 600  # a hang guard, not a performance bound
+
+
+def test_the_notebooks_are_there():
+  assert EXPECTED <= {p.name for p in NOTEBOOKS}, NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
+  nbformat.validate(nb)
+  dirty = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+           and (cell.outputs or cell.execution_count is not None)]
+  assert not dirty, (
+      f"{path.name}: cells {dirty} hold outputs; strip them with "
+      "`.venv/bin/python notebooks/run.py --clear` before committing.")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path, monkeypatch):
+  monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+  monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+  nb = nbformat.read(path, as_version=4)
+  # One more cell: which environment did the kernel run in?
+  nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+  # The kernel talks over IPC sockets in tmp_path: no TCP ports, nothing left.
+  km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
+  client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S,
+                                   resources={"metadata": {"path": str(path.parent)}})
+  start = time.perf_counter()
+  client.execute()  # raises CellExecutionError with the cell and traceback
+  print(f"\n{path.name}: {time.perf_counter() - start:.1f} s")
+  prefix = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
+  assert os.path.realpath(prefix) == os.path.realpath(sys.prefix), (
+      f"the kernel ran in {prefix}, not in this environment ({sys.prefix})")
