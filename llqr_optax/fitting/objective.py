@@ -33,7 +33,10 @@ PyTree = Any
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """``Σ_leaves ⟨a, b⟩`` in float32."""
-  return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+  # Not jnp.vdot: a contraction of two arrays sharded over an explicit mesh
+  # axis has no unambiguous output sharding; an elementwise product and a sum
+  # does.
+  return sum((jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
              jnp.zeros((), jnp.float32))
 
 

@@ -62,6 +62,57 @@ def _to_f32(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
+def _axes(axis_name) -> tuple:
+  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _per_device(tree: PyTree, axis_name) -> PyTree:
+  """Marks values replicated over ``axis_name`` as varying across it.
+
+  Inside ``shard_map`` with its varying-axes check (``check_vma=True``, the
+  default), autodiff with respect to a value replicated over the axis sums the
+  cotangents over it (a ``psum`` is the transpose of a broadcast), so ``vjp``
+  would return the *sum* of the devices' products and the ``pmean`` that
+  follows would not divide it. Linearising at per-device (varying) params
+  keeps every product local; the explicit ``pmean`` then averages. Without
+  the check (``check_vma=False``, ``pmap``) products are local anyway.
+  """
+  pcast = getattr(jax.lax, "pcast", None)
+  typeof = getattr(jax, "typeof", None)
+  if pcast is None or typeof is None:  # older JAX: no varying-axes types
+    return tree
+  axes = _axes(axis_name)
+
+  def leaf(x):
+    vma = getattr(typeof(x), "vma", frozenset())
+    missing = tuple(a for a in axes if a not in vma)
+    return pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(leaf, tree)
+
+
+def _replicated(tree: PyTree) -> PyTree:
+  """Gathers arrays whose type carries an explicit sharding (``AxisType.Explicit``).
+
+  Under ``jit`` with a batch sharded over an explicit mesh axis (the default of
+  ``jax.make_mesh`` in recent JAX), a slice of the batch axis has no
+  unambiguous sharding. Outputs and targets are small (batch × classes), so the
+  chunk losses read a replicated copy; their gradient flows back into the
+  sharded outputs unchanged.
+  """
+  typeof = getattr(jax, "typeof", None)
+  reshard = getattr(jax.sharding, "reshard", None)
+  if typeof is None or reshard is None:
+    return tree
+
+  def leaf(x):
+    sharding = getattr(typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or all(s is None for s in spec):
+      return x
+    return reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
+  return jax.tree.map(leaf, tree)
+
+
 def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
                   targets: Any = None, *, loss: losses_lib.LossLike,
                   geometry: geometry_lib.GeometryLike = "ggn",
@@ -113,6 +164,13 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
     for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   loss = losses_lib.get_loss(loss)
+  if axis_name is not None:
+    # Local products, averaged explicitly below (see _per_device); sampled
+    # geometries draw independent labels on every device.
+    params = _per_device(params, axis_name)
+    if key is not None:
+      for a in _axes(axis_name):
+        key = jax.random.fold_in(key, jax.lax.axis_index(a))
   lin = geometry_lib.linearize(apply_fn, params, targets, loss=loss,
                                geometry=geometry, key=key)
   outputs = lin.outputs
@@ -125,9 +183,11 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
         "the leading axis of apply_fn's outputs); lower num_chunks.")
   size = batch // num_chunks
 
+  chunk_targets = _replicated(targets)
+
   def chunk_cotangent(c):
-    chunk_loss = lambda z: loss.fn(_slice_chunk(z, c, size),
-                                   _slice_chunk(targets, c, size))
+    chunk_loss = lambda z: loss.fn(_slice_chunk(_replicated(z), c, size),
+                                   _slice_chunk(chunk_targets, c, size))
     return jax.grad(chunk_loss)(outputs)
 
   cotangents = jax.vmap(chunk_cotangent)(jnp.arange(num_chunks))
@@ -139,9 +199,13 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
     return _to_f32(lin.matvec(v, 0.0))
 
   if axis_name is not None:
+    # The loss is a mean over the local shard: the global mean's samples and
+    # products are the means of the devices' (equal shard sizes). Sample c is
+    # the mean over the union of the devices' chunks c.
     grads = jax.lax.pmean(grads, axis_name)
     local_curvature = curvature
-    curvature = lambda v: jax.lax.pmean(local_curvature(v), axis_name)
+    curvature = lambda v: jax.lax.pmean(
+        local_curvature(_per_device(v, axis_name)), axis_name)
 
   def matvec(v):
     return jax.tree.map(lambda cv, x: cv + damping * x, curvature(v), v)
