@@ -1,0 +1,476 @@
+"""The optax contract of ``llqr``: jit, wrappers, dtypes, NaNs, errors, state.
+
+One tiny MLP (6-8-5, biases, batch 16). Compiling a step that contains a refit
+is the expensive part, so one jitted training run is shared by several tests
+(module-scoped fixture) and configuration errors are checked at trace time.
+"""
+
+import collections
+import functools
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import llqr_optax
+from llqr_optax import structures
+
+LOSS = "softmax_cross_entropy"
+BATCH, D_IN, HIDDEN, D_OUT = 16, 6, 8, 5
+REFIT_EVERY = 6
+REFIT_STEPS = {0, 1, 2, 4, 6, 12}  # 0, powers of two below 6, then multiples of 6
+NUM_STEPS = 13
+# Compiling a step that contains a refit is this module's main cost; XLA's
+# backend optimisations do not change what is tested (tracing, dtypes, state),
+# and turning them off cuts compilation by a third or more on CPU.
+jit = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+KW = dict(loss=LOSS, structure="diagonal", refit_every=REFIT_EVERY, num_chunks=4,
+          inner_steps=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x32():
+  """float32 throughout, whatever other test modules set globally."""
+  with jax.enable_x64(False):
+    yield
+
+
+def init_params(key, dtype=jnp.float32):
+  k0, k1, k2 = jax.random.split(key, 3)
+  params = {
+      "l0": {"w": jax.random.normal(k0, (D_IN, HIDDEN)) / np.sqrt(D_IN),
+             "b": 0.1 * jax.random.normal(k2, (HIDDEN,))},
+      "l1": {"w": jax.random.normal(k1, (HIDDEN, D_OUT)) / np.sqrt(HIDDEN),
+             "b": jnp.zeros(D_OUT)}}
+  return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def mlp(p, x):
+  h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"])
+  return h @ p["l1"]["w"] + p["l1"]["b"]
+
+
+def batch(i):
+  kx, ky = jax.random.split(jax.random.key(1000 + i))
+  return jax.random.normal(kx, (BATCH, D_IN)), jax.random.randint(ky, (BATCH,), 0, D_OUT)
+
+
+def loss_fn(p, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      mlp(p, x).astype(jnp.float32), y).mean()
+
+
+grad_fn = jit(jax.grad(loss_fn))
+
+
+def make_tx(**kw):
+  return optax.chain(llqr_optax.llqr(**{**KW, **kw}), optax.adam(1e-2))
+
+
+TRACES = collections.Counter()
+
+
+def make_step(tx, name, *, pass_full_params=False, **extra):
+  """A jitted ``tx.update`` + ``apply_updates``, counting its traces."""
+  @jit
+  def step(params, state, grads, x, y):
+    TRACES[name] += 1
+    more = {"full_params": params} if pass_full_params else {}
+    updates, state = tx.update(grads, state, params,
+                               apply_fn=lambda p: mlp(p, x), targets=y,
+                               **extra, **more)
+    return optax.apply_updates(params, updates), state, updates
+  return step
+
+
+def llqr_of(state):
+  return llqr_optax.find_state(state)
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def all_finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+# --- one shared jitted run ----------------------------------------------------
+
+MAIN_TX = make_tx()
+MAIN_STEP = make_step(MAIN_TX, "main", unexpected_extra="ignored")
+
+
+@pytest.fixture(scope="module")
+def run():
+  """NUM_STEPS jitted steps on fresh batches: params, states, grads, updates."""
+  params = init_params(jax.random.key(0))
+  state = MAIN_TX.init(params)
+  out = {"params": [params], "states": [state], "grads": [], "updates": [],
+         "batches": []}
+  for t in range(NUM_STEPS):
+    x, y = batch(t)
+    g = grad_fn(params, x, y)
+    params, state, updates = MAIN_STEP(params, state, g, x, y)
+    for k, v in (("params", params), ("states", state), ("grads", g),
+                 ("updates", updates), ("batches", (x, y))):
+      out[k].append(v)
+  out["traces"], out["cache_size"] = TRACES["main"], MAIN_STEP._cache_size()
+  return out
+
+
+def test_refits_at_0_1_2_4_then_every_refit_every(run):
+  refits = [int(llqr_of(s).refits) for s in run["states"][1:]]
+  expected = np.cumsum([t in REFIT_STEPS for t in range(NUM_STEPS)]).tolist()
+  assert refits == expected
+  assert [int(llqr_of(s).count) for s in run["states"]] == list(range(NUM_STEPS + 1))
+  assert int(llqr_of(run["states"][-1]).skipped_refits) == 0
+  # The preconditioner changes exactly on refit steps.
+  for t in range(NUM_STEPS):
+    before = llqr_of(run["states"][t]).preconditioner
+    after = llqr_of(run["states"][t + 1]).preconditioner
+    same = all(bool(jnp.array_equal(a, b))
+               for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert same == (t not in REFIT_STEPS), t
+
+
+def test_no_recompilation_after_first_step(run):
+  assert NUM_STEPS >= REFIT_EVERY + 2
+  assert run["traces"] == 1
+  assert run["cache_size"] == 1
+  assert all_finite(run["params"][-1])
+
+
+def test_unexpected_extra_kwarg_is_ignored():
+  params = init_params(jax.random.key(0))
+  state = MAIN_TX.init(params)
+  x, y = batch(0)
+  g = grad_fn(params, x, y)
+
+  def update(**extra):
+    return lambda s: MAIN_TX.update(g, s, params, apply_fn=lambda p: mlp(p, x),
+                                    targets=y, **extra)
+  with_extra = jax.make_jaxpr(update(batch_stats={"m": jnp.ones(3)}, rng=1))(state)
+  without = jax.make_jaxpr(update())(state)
+  assert str(with_extra) == str(without)
+
+
+def test_precondition_matches_llqr_output_on_non_refit_step(run):
+  t = 3
+  assert t not in REFIT_STEPS
+  before, after = run["states"][t], run["states"][t + 1]
+  g = run["grads"][t]
+  u = llqr_optax.precondition(before, g)
+  # Same map from the chain's state and from the LLQRState inside it.
+  assert_trees_equal(u, llqr_optax.precondition(llqr_of(before), g))
+  # The preconditioner is no longer the identity after the refits of steps 0-2.
+  assert not all(bool(jnp.allclose(a, b)) for a, b in
+                 zip(jax.tree.leaves(u), jax.tree.leaves(g)))
+  # The chain's output at step t is adam applied to llqr's output U(g).
+  want, _ = optax.adam(1e-2).update(u, before[1], run["params"][t])
+  assert_trees_close(run["updates"][t], want, rtol=1e-5, atol=1e-7)
+  # The llqr stage did not refit at step t: same preconditioner.
+  assert_trees_equal(llqr_of(after).preconditioner, llqr_of(before).preconditioner)
+  # precondition changes no state.
+  snapshot = jax.tree.map(np.array, before)
+  llqr_optax.precondition(before, g)
+  assert_trees_equal(before, snapshot)
+
+
+def test_nan_gradient_is_skipped(run):
+  t = 4  # a refit step: the refit must not run on a NaN gradient either
+  assert t in REFIT_STEPS
+  params, state = run["params"][t], run["states"][t]
+  x, y = run["batches"][t]
+  g = jax.tree.map(lambda v: v, run["grads"][t])
+  g["l0"]["w"] = g["l0"]["w"].at[1, 2].set(jnp.nan)
+  traces = TRACES["main"]
+  new_params, new_state, updates = MAIN_STEP(params, state, g, x, y)
+  assert TRACES["main"] == traces  # same compiled step
+  assert all_finite(new_params) and all_finite(updates)
+  old, new = llqr_of(state), llqr_of(new_state)
+  assert int(new.skipped_updates) == int(old.skipped_updates) + 1 == 1
+  assert int(new.refits) == int(old.refits)
+  assert int(new.count) == int(old.count) + 1
+  assert_trees_equal(new.preconditioner, old.preconditioner)
+
+
+def test_nan_model_output_skips_the_refit(run):
+  t = 2  # a refit step
+  assert t in REFIT_STEPS
+  params, state = run["params"][t], run["states"][t]
+  x, y = run["batches"][t]
+  g = run["grads"][t]  # a finite gradient, but the refit batch gives NaN
+  x_nan = x.at[3, 0].set(jnp.nan)
+  new_params, new_state, updates = MAIN_STEP(params, state, g, x_nan, y)
+  old, new = llqr_of(state), llqr_of(new_state)
+  assert int(new.skipped_refits) == int(old.skipped_refits) + 1 == 1
+  assert int(new.refits) == int(old.refits)
+  assert int(new.skipped_updates) == 0
+  assert_trees_equal(new.preconditioner, old.preconditioner)
+  assert float(new.damping) == float(old.damping)
+  assert all_finite(new_params) and all_finite(updates)
+  # The output is the last good preconditioner applied to the gradient.
+  want, _ = optax.adam(1e-2).update(llqr_optax.precondition(state, g), state[1], params)
+  assert_trees_close(updates, want)
+
+
+def test_state_is_a_pytree_of_arrays_and_checkpoints(run):
+  state = run["states"][5]
+  leaves = jax.tree.leaves(state)
+  assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+  inner = llqr_of(state)
+  for leaf in jax.tree.leaves(inner.preconditioner):
+    assert leaf.dtype == jnp.float32
+  # Round trip through host memory and pickle, then continue identically.
+  restored = jax.tree.map(jnp.asarray, pickle.loads(pickle.dumps(jax.device_get(state))))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  x, y = run["batches"][5]
+  traces = TRACES["main"]
+  a = MAIN_STEP(run["params"][5], restored, run["grads"][5], x, y)
+  assert TRACES["main"] == traces  # a restored state does not recompile
+  assert_trees_equal(a[1], run["states"][6])
+  assert_trees_equal(a[0], run["params"][6])
+
+
+# --- optax wrappers -----------------------------------------------------------
+
+
+def test_lax_cond_over_the_state(run):
+  tx = MAIN_TX
+
+  @jit
+  def maybe_update(pred, params, state, grads, x, y):
+    return jax.lax.cond(
+        pred,
+        lambda s: tx.update(grads, s, params, apply_fn=lambda p: mlp(p, x),
+                            targets=y)[1],
+        lambda s: s, state)
+
+  t = 4
+  args = (run["params"][t], run["states"][t], run["grads"][t]) + run["batches"][t]
+  assert_trees_equal(maybe_update(False, *args), run["states"][t])
+  updated = maybe_update(True, *args)
+  assert int(llqr_of(updated).refits) == int(llqr_of(run["states"][t]).refits) + 1
+  assert_trees_close(updated, run["states"][t + 1], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_params_keep_dtype_and_state_is_f32():
+  params = init_params(jax.random.key(0), jnp.bfloat16)
+  tx = make_tx()
+  step = make_step(tx, "bf16")
+  state = tx.init(params)
+  for t in range(3):
+    x, y = batch(t)
+    g = grad_fn(params, x.astype(jnp.bfloat16), y)
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(g))
+    params, state, updates = step(params, state, g, x.astype(jnp.bfloat16), y)
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(params))
+  inner = llqr_of(state)
+  assert int(inner.refits) == 3 and int(inner.skipped_refits) == 0
+  for leaf in jax.tree.leaves(inner.preconditioner):
+    assert leaf.dtype == jnp.float32
+  assert inner.damping.dtype == jnp.float32
+  assert all_finite(params)
+  # The preconditioner moved away from the identity.
+  assert any(not bool(jnp.allclose(d, 1.0)) for d in jax.tree.leaves(inner.preconditioner))
+  assert TRACES["bf16"] == 1
+
+
+MASK = {"l0": {"w": True, "b": False}, "l1": {"w": True, "b": False}}
+
+
+def masked(tree):
+  """``tree`` as llqr sees it under ``MASK``: biases are ``optax.MaskedNode``."""
+  return jax.tree.map(lambda m, x: x if m else optax.MaskedNode(), MASK, tree)
+
+
+def test_masked_needs_full_params():
+  params = init_params(jax.random.key(0))
+  tx = optax.masked(llqr_optax.llqr(**KW), MASK)
+  state = tx.init(params)
+  x, y = batch(0)
+  g = grad_fn(params, x, y)
+  with pytest.raises(ValueError, match="full_params"):
+    tx.update(g, state, params, apply_fn=lambda p: mlp(p, x), targets=y)
+
+
+def test_masked_preconditions_only_the_mask():
+  params = init_params(jax.random.key(0))
+  tx = optax.masked(llqr_optax.llqr(**KW), MASK)
+  step = make_step(tx, "masked", pass_full_params=True)
+  state = tx.init(params)
+  inner = llqr_of(state)
+  # Only the masked-in leaves have a preconditioner.
+  assert len(jax.tree.leaves(inner.preconditioner)) == 2
+  for t in range(3):
+    x, y = batch(t)
+    g = grad_fn(params, x, y)
+    new_params, state, updates = step(params, state, g, x, y)
+    inner = llqr_of(state)
+    assert int(inner.refits) == t + 1 and int(inner.skipped_refits) == 0
+    # Biases pass through; weights get U(g) with the freshly refitted U.
+    want = llqr_optax.precondition(state, masked(g))
+    for layer in ("l0", "l1"):
+      np.testing.assert_array_equal(updates[layer]["b"], g[layer]["b"])
+      np.testing.assert_allclose(updates[layer]["w"], want[layer]["w"],
+                                 rtol=1e-6, atol=1e-7)
+    assert not bool(jnp.allclose(updates["l0"]["w"], g["l0"]["w"]))
+    params = new_params
+  assert TRACES["masked"] == 1
+
+
+def test_multi_transform():
+  params = init_params(jax.random.key(0))
+  labels = {"l0": {"w": "llqr", "b": "sgd"}, "l1": {"w": "llqr", "b": "sgd"}}
+  tx = optax.multi_transform({"llqr": llqr_optax.llqr(**KW), "sgd": optax.sgd(0.1)},
+                             labels)
+  state = tx.init(params)
+  x, y = batch(0)
+  g = grad_fn(params, x, y)
+  with pytest.raises(ValueError, match="full_params"):
+    tx.update(g, state, params, apply_fn=lambda p: mlp(p, x), targets=y)
+
+  @jit
+  def step(params, state, g, x, y):
+    return tx.update(g, state, params, apply_fn=lambda p: mlp(p, x), targets=y,
+                     full_params=params)
+
+  for t in range(2):
+    x, y = batch(t)
+    g = grad_fn(params, x, y)
+    updates, state = step(params, state, g, x, y)
+    inner = llqr_of(state)
+    assert int(inner.refits) == t + 1 and int(inner.skipped_refits) == 0
+    want = llqr_optax.precondition(state, masked(g))
+    for layer in ("l0", "l1"):
+      np.testing.assert_allclose(updates[layer]["b"], -0.1 * g[layer]["b"], rtol=1e-6)
+      np.testing.assert_allclose(updates[layer]["w"], want[layer]["w"],
+                                 rtol=1e-6, atol=1e-7)
+    params = optax.apply_updates(params, updates)
+  assert all_finite(params)
+
+
+def test_multi_steps():
+  params = init_params(jax.random.key(0))
+  tx = optax.MultiSteps(make_tx(), every_k_schedule=2)
+
+  @jit
+  def step(params, state, g, x, y):
+    updates, state = tx.update(g, state, params, apply_fn=lambda p: mlp(p, x),
+                               targets=y)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(params)
+  for t in range(4):
+    x, y = batch(t)
+    g = grad_fn(params, x, y)
+    params, state, updates = step(params, state, g, x, y)
+    emitted = any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+    assert emitted == (t % 2 == 1), t
+  inner = llqr_of(state.inner_opt_state)
+  assert int(inner.count) == 2 and int(inner.refits) == 2
+  assert all_finite(params)
+
+
+def test_inject_hyperparams_damping_reaches_the_refit():
+  params = init_params(jax.random.key(0))
+  factory = optax.inject_hyperparams(llqr_optax.llqr, static_args=("num_chunks",))
+  tx = factory(**{**KW, "damping": 1e-3})
+  state = tx.init(params)
+  assert set(state.hyperparams) >= {"damping"}
+  x, y = batch(0)
+  g = grad_fn(params, x, y)
+
+  @jit
+  def update(state):
+    return tx.update(g, state, params, apply_fn=lambda p: mlp(p, x), targets=y)
+
+  u_lo, s_lo = update(state)
+  high = state._replace(hyperparams={**state.hyperparams, "damping": jnp.float32(10.0)})
+  u_hi, s_hi = update(high)
+  assert float(llqr_of(s_lo).damping) == pytest.approx(1e-3)
+  assert float(llqr_of(s_hi).damping) == pytest.approx(10.0)
+  # A larger damping gives a different (smaller) fitted preconditioner ...
+  assert not bool(jnp.allclose(u_lo["l0"]["w"], u_hi["l0"]["w"]))
+  # ... the one llqr fits with damping=10 from the same state.
+  plain = llqr_optax.llqr(**{**KW, "damping": 10.0})
+  u_ref, s_ref = jit(lambda s: plain.update(
+      g, s, params, apply_fn=lambda p: mlp(p, x), targets=y))(plain.init(params))
+  assert_trees_close(u_hi, u_ref, rtol=1e-4, atol=1e-6)
+  assert_trees_close(llqr_of(s_hi).preconditioner, s_ref.preconditioner,
+                     rtol=1e-4, atol=1e-6)
+
+
+# --- configuration errors -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(damping=0.0), "damping"),
+    (dict(damping=-1e-3), "damping"),
+    (dict(refit_every=0), "refit_every"),
+    (dict(structure="shampoo"), "structure"),
+    (dict(geometry="hessian-free"), "geometry"),
+    (dict(loss="hinge"), "hinge"),
+    (dict(inner_solver="adam"), "inner_solver"),
+    (dict(ema=1.5), "ema"),
+])
+def test_bad_configuration_raises(kw, match):
+  with pytest.raises(ValueError, match=match):
+    llqr_optax.llqr(**{**KW, **kw})
+
+
+@pytest.mark.parametrize("leaf, match", [
+    (jnp.zeros(3, jnp.int32), "int32"),
+    (jnp.zeros(3, jnp.complex64), "complex"),
+])
+def test_non_float_params_raise(leaf, match):
+  params = {**init_params(jax.random.key(0)), "extra": leaf}
+  with pytest.raises(ValueError, match=match):
+    make_tx().init(params)
+
+
+def test_structure_pytree_not_matching_params_raises():
+  params = init_params(jax.random.key(0))
+  bad = {"l0": {"w": "ekfac", "b": "diagonal"}, "l1": "kronecker"}
+  with pytest.raises(ValueError, match="does not match params"):
+    make_tx(structure=bad).init(params)
+  good = {"l0": {"w": "ekfac", "b": "diagonal"}, "l1": {"w": "kronecker", "b": "scalar"}}
+  inner = llqr_of(make_tx(structure=good).init(params))
+  assert isinstance(inner.preconditioner["l1"]["b"], structures.ScalarState)
+
+
+def _trace_update(tx, params, **kw):
+  state = tx.init(params)
+  x, y = batch(0)
+  g = jax.tree.map(jnp.zeros_like, params)
+  kw = {"apply_fn": lambda p: mlp(p, x), "targets": y, **kw}
+  return jax.eval_shape(lambda s: tx.update(g, s, params, **kw), state)
+
+
+def test_update_errors():
+  params = init_params(jax.random.key(0))
+  tx = make_tx()
+  state = tx.init(params)
+  g = jax.tree.map(jnp.zeros_like, params)
+  with pytest.raises(ValueError, match="apply_fn"):
+    tx.update(g, state, params, targets=batch(0)[1])
+  with pytest.raises(ValueError, match="apply_fn"):
+    tx.update(g, state, params, apply_fn=None, targets=batch(0)[1])
+  with pytest.raises(ValueError, match="num_chunks"):
+    _trace_update(make_tx(num_chunks=BATCH + 1), params)
+  with pytest.raises(ValueError, match="targets"):
+    _trace_update(tx, params, targets=jnp.zeros((BATCH, 2), jnp.int32))
+  with pytest.raises(ValueError, match="targets"):
+    _trace_update(tx, params, targets=jnp.zeros((BATCH + 1,), jnp.int32))
+  # The correct call traces fine.
+  out = _trace_update(tx, params)
+  assert jax.tree.structure(out[1]) == jax.tree.structure(state)
