@@ -227,6 +227,21 @@ def _tree_axpy(a, x, y):
                       x, y)
 
 
+def _check_outputs(outputs):
+  """``apply_fn`` must return one floating array (checked at trace time)."""
+  if not isinstance(outputs, (jax.Array, np.ndarray)):
+    raise ValueError(
+        f"apply_fn returned a {type(outputs).__name__}, not one array of model "
+        "outputs. If the model returns more (e.g. Flax's apply with mutable=... "
+        "returns (outputs, variables)), pass apply_fn=lambda p: "
+        "model.apply(p, x, ...)[0].")
+  if not jnp.issubdtype(outputs.dtype, jnp.floating):
+    raise ValueError(
+        f"apply_fn returned outputs of dtype {outputs.dtype}; they must be "
+        "floating (logits or predictions, not labels such as an argmax) to be "
+        "differentiated.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Linearization:
   """A model linearised once, for many curvature products.
@@ -296,6 +311,7 @@ def linearize(apply_fn: Callable[[PyTree], Array], params: PyTree,
   geometry = get_geometry(geometry)
   loss = losses_lib.get_loss(loss)
   outputs, jvp = jax.linearize(apply_fn, params)
+  _check_outputs(outputs)
   transpose = jax.linear_transpose(jvp, params)
   vjp = lambda ct: transpose(ct)[0]
   metric = output_metric(geometry, loss, outputs, targets, key=key)

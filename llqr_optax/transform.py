@@ -11,6 +11,7 @@ current batch by minimising the LQR objective (see
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -52,8 +53,11 @@ class LLQRState(NamedTuple):
     key: the PRNG key (raw ``uint32[2]``) for sampled geometries.
     damping: the current ``λ``.
     refits: refits done.
-    skipped_refits: refits skipped because something was not finite.
-    skipped_updates: gradients that were not finite (their output was zeroed).
+    skipped_refits: refits that were due but skipped because something was
+      not finite (the gradient, the refit batch's samples or curvature
+      products, or the fit); the last good preconditioner is kept.
+    skipped_updates: steps whose gradient, or preconditioned gradient ``U(g)``,
+      was not finite (their output was zeroed).
     objective: ``J`` after the last refit (lower is better; ``−½ gᵀA⁻¹g`` is
       its floor).
     output_scale: the scalar ``c`` of the output ``c · U(g)``: 1, or with
@@ -109,11 +113,100 @@ def _static_int(name: str, value, minimum: int) -> int:
 def _check_number(name, value, *, low, high=None, open_low=False, fix=""):
   if not _is_concrete(value) or jnp.ndim(value) != 0:
     return
-  v = float(value)
-  bad = v != v or (v <= low if open_low else v < low) or (high is not None and v > high)
+  try:
+    if isinstance(value, (str, bytes)):
+      raise TypeError
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}={value!r} is invalid: it must be a number. {fix}") from None
+  bad = (v != v or math.isinf(v) or (v <= low if open_low else v < low)
+         or (high is not None and v > high))
   if bad:
     span = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-    raise ValueError(f"{name}={value!r} is invalid: it must be {span}. {fix}")
+    raise ValueError(f"{name}={value!r} is invalid: it must be finite and {span}. {fix}")
+
+
+def _where(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _check_like_params(what, tree, params, fix):
+  """``tree`` must have the pytree structure and leaf shapes of ``params``."""
+  t_def, p_def = jax.tree.structure(tree), jax.tree.structure(params)
+  if t_def != p_def:
+    raise ValueError(
+        f"{what} does not match params: params has {p_def.num_leaves} leaves "
+        f"({p_def}), {what} has {t_def.num_leaves} ({t_def}). {fix}")
+  for (path, t), p in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                          jax.tree.leaves(params)):
+    if jnp.shape(t) != jnp.shape(p):
+      raise ValueError(
+          f"{what} leaf {_where(path)} has shape {tuple(jnp.shape(t))}, params "
+          f"has {tuple(jnp.shape(p))}. {fix}")
+    dtype = t.dtype if hasattr(t, "dtype") else jnp.asarray(t).dtype
+    if what == "the gradient" and not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"{what} leaf {_where(path)} has dtype {dtype}, not a float. {fix}")
+
+
+def _check_state(state, params, structure, max_dim, dense_max):
+  """The preconditioner in ``state`` must be the one this configuration makes.
+
+  A state restored from a checkpoint of another model or another
+  ``structure``/``max_dim`` would otherwise fail deep inside the trace. With
+  ``max_dim``/``dense_max`` traced (``optax.inject_hyperparams``) the sides
+  that fall back are unknown: structures and leaves are checked, and shapes by
+  tracing ``U(params)``.
+  """
+  fix = ("The state was made for other params or another structure/max_dim/"
+         "dense_max: call tx.init(params) again, or restore the checkpoint "
+         "into tx.init(params) of the same configuration.")
+  if not isinstance(state, LLQRState):
+    raise ValueError(f"state is a {type(state).__name__}, not the LLQRState of "
+                     f"tx.init(params). {fix}")
+  static = _is_concrete(max_dim) and _is_concrete(dense_max)
+  shapes_of = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32),
+                           params)
+  if static:
+    expected = jax.eval_shape(lambda p: structures.init(
+        p, structure, max_dim=int(max_dim), dense_max=int(dense_max)), shapes_of)
+  else:
+    names = structures.leaf_names(structure, shapes_of, max_dim=2**62, dense_max=2**62)
+    expected = jax.tree.map(lambda n: structures.STRUCTURES[n].State, names)
+  got, _ = jax.tree_util.tree_flatten_with_path(state.preconditioner,
+                                                is_leaf=structures._is_state)
+  want, _ = jax.tree_util.tree_flatten_with_path(
+      expected, is_leaf=lambda x: structures._is_state(x) or isinstance(x, type))
+  if [p for p, _ in got] != [p for p, _ in want]:
+    raise ValueError(
+        f"the llqr state's preconditioner has leaves {[_where(p) for p, _ in got]} "
+        f"but params has {[_where(p) for p, _ in want]}. {fix}")
+  shapes = lambda s: [tuple(jnp.shape(x)) for x in s]
+  for (path, g), (_, w) in zip(got, want):
+    w_type = w if isinstance(w, type) else type(w)
+    if type(g) is not w_type or (static and shapes(g) != shapes(w)):
+      made = f"{w_type.__name__}{shapes(w)}" if static else w_type.__name__
+      raise ValueError(
+          f"the llqr state's preconditioner for leaf {_where(path)} is "
+          f"{type(g).__name__}{shapes(g)}, but this configuration makes "
+          f"{made}. {fix}")
+  if not static:
+    try:
+      jax.eval_shape(structures.apply, state.preconditioner, shapes_of)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"the llqr state's preconditioner does not fit params "
+                       f"({e}). {fix}") from None
+
+
+def _check_axis_name(axis_name):
+  try:
+    jax.lax.psum(1, axis_name)
+  except NameError:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not bound: llqr(axis_name=...) must run "
+        "inside jax.shard_map or jax.pmap over that axis. Under jax.jit with "
+        "a sharded batch (NamedSharding) leave axis_name=None: the compiled "
+        "program already sees the whole batch.") from None
 
 
 def _check_params(params):
@@ -234,11 +327,15 @@ def scale_by_llqr(
       across refits. ``False`` keeps ``U ≈ (C + λI)⁻¹`` as is (a Newton-like
       step at learning rate 1).
     max_dim: sides above this size use diagonal factors (Kronecker) or the
-      identity basis (ekfac).
+      identity basis (ekfac); ``"kronecker"``/``"ekfac"`` named for a leaf
+      whose two sides both exceed it is a ``ValueError``.
     dense_max: the largest leaf size allowed with ``"dense"``.
     seed: seeds the PRNG key of sampled geometries.
     axis_name: the mapped axis (``pmap``/``shard_map``) the batch is sharded
-      over; curvature products and samples are averaged across it.
+      over; curvature products and samples are averaged across it. Each
+      device splits its own shard into ``num_chunks`` chunks, so sample ``c``
+      is the mean over the union of the devices' chunks ``c``. Under ``jit``
+      with a sharded batch (``NamedSharding``) leave it ``None``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -265,6 +362,17 @@ def scale_by_llqr(
   """
   loss_obj = losses_lib.get_loss(loss)
   geometry_obj = geometry_lib.get_geometry(geometry)
+  if (geometry_obj.name in ("fisher", "mc_fisher", "renyi", "reverse_kl")
+      and loss_obj.distribution is None):
+    raise ValueError(
+        f"geometry={geometry_obj.name!r} needs the predictive distribution of "
+        f"the loss, but loss={loss_obj.name!r} has none (a user callable); use "
+        "geometry='ggn', 'newton' or 'empirical_fisher', a built-in loss, or a "
+        "llqr_optax.Loss with a distribution.")
+  if _is_concrete(seed) and not (isinstance(seed, (int, jnp.integer))
+                                 or (hasattr(seed, "dtype")
+                                     and jnp.issubdtype(seed.dtype, jnp.integer))):
+    raise ValueError(f"seed={seed!r} must be an integer.")
   _check_number("damping", damping, low=0.0, open_low=True,
                 fix="The LQR problem is singular without damping; try 1e-3.")
   _check_number("ema", ema, low=0.0, high=1.0, fix="Try 0.9.")
@@ -272,6 +380,8 @@ def scale_by_llqr(
     _static_int("refit_every", refit_every, 1)
   if _is_concrete(inner_steps):
     _static_int("inner_steps", inner_steps, 0)
+  if _is_concrete(num_chunks):
+    _static_int("num_chunks", num_chunks, 1)
   if inner_solver not in fitting.SOLVERS:
     raise ValueError(f"inner_solver={inner_solver!r} is unknown; choose one of "
                      f"{list(fitting.SOLVERS)}.")
@@ -305,6 +415,16 @@ def scale_by_llqr(
       raise ValueError("params=None: llqr needs the current params: "
                        "tx.update(grads, state, params, apply_fn=..., ...).")
     _check_params(params)
+    _check_like_params(
+        "the gradient", updates, params,
+        "Pass the gradient of the loss with respect to params as the first "
+        "argument of tx.update(grads, state, params, ...).")
+    _check_state(state, params, structure, max_dim, dense_max)
+    if axis_name is not None:
+      _check_axis_name(axis_name)
+    if (loss_obj.check is not None and targets is not None
+        and not hasattr(targets, "dtype")):
+      targets = jnp.asarray(targets)  # e.g. a list of labels
     chunks = _static_int("num_chunks", num_chunks, 1)
     model_fn = _model_fn(apply_fn, params, full_params)
     grads_finite = _all_finite(updates)
@@ -318,9 +438,16 @@ def scale_by_llqr(
       problem, _, loss0 = fitting.build_problem(
           model_fn, params, targets, loss=loss_obj, geometry=geometry_obj,
           damping=state.damping, num_chunks=chunks, key=sub, axis_name=axis_name)
-      result = fitting.refit(problem, state.preconditioner, steps=inner_steps,
+      # Refits that are not finite are never kept, so only a state from
+      # outside (a corrupted checkpoint) can hold NaN or Inf: refit from the
+      # identity then, as on the first refit.
+      healthy = _all_finite(state.preconditioner)
+      identity = structures.identity_like(state.preconditioner)
+      start = jax.tree.map(lambda s, i: jnp.where(healthy, s, i),
+                           state.preconditioner, identity)
+      result = fitting.refit(problem, start, steps=inner_steps,
                              solver=inner_solver, ema=ema,
-                             first=state.refits == 0)
+                             first=(state.refits == 0) | ~healthy)
       moved = jax.tree.map(lambda p, d: (p + d.astype(p.dtype)), params, result.step)
       loss1 = loss_obj.fn(model_fn(moved), targets)
       if axis_name is not None:
@@ -347,13 +474,19 @@ def scale_by_llqr(
                                       1.0).astype(jnp.float32), state.output_scale),
           reduction_ratio=keep(ratio, state.reduction_ratio))
 
-    due = _refit_due(state.count, refit_every) & grads_finite
-    state = jax.lax.cond(due, do_refit, lambda s: s, state)
+    due = _refit_due(state.count, refit_every)
+    state = jax.lax.cond(due & grads_finite, do_refit, lambda s: s, state)
+    # A refit due on a non-finite gradient is skipped too, and counted.
+    state = state._replace(skipped_refits=state.skipped_refits
+                           + (due & ~grads_finite).astype(jnp.int32))
     out = _precondition(state, updates)
-    out = jax.tree.map(lambda u: jnp.where(grads_finite, u, jnp.zeros_like(u)), out)
+    # Nothing that is not finite leaves llqr: a non-finite gradient, or a
+    # non-finite U(g) (overflow, or a corrupted state), gives a zero update.
+    out_ok = grads_finite & _all_finite(out)
+    out = jax.tree.map(lambda u: jnp.where(out_ok, u, jnp.zeros_like(u)), out)
     state = state._replace(
         count=optax.safe_increment(state.count),
-        skipped_updates=state.skipped_updates + (~grads_finite).astype(jnp.int32))
+        skipped_updates=state.skipped_updates + (~out_ok).astype(jnp.int32))
     return out, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

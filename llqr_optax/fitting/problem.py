@@ -176,7 +176,11 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
   outputs = lin.outputs
   if loss.check is not None and targets is not None:
     loss.check(outputs, targets)
-  batch = outputs.shape[0] if outputs.ndim else 0
+  if outputs.ndim == 0:
+    raise ValueError(
+        "apply_fn returned a scalar; llqr needs the model's outputs for every "
+        "example, batch first (logits or predictions), not the loss.")
+  batch = outputs.shape[0]
   if batch < num_chunks:
     raise ValueError(
         f"num_chunks={num_chunks} is larger than the batch ({batch} rows along "

@@ -68,7 +68,8 @@ def _path_str(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def _resolve(name: Any, path, shape, *, max_dim: int, dense_max: int) -> str:
+def _resolve(name: Any, path, shape, *, max_dim: int, dense_max: int,
+             per_leaf: bool = False) -> str:
   where = f"for the leaf {_path_str(path)} of shape {tuple(shape)}"
   if not isinstance(name, str) or (name != "auto" and name not in STRUCTURES):
     raise ValueError(
@@ -78,6 +79,15 @@ def _resolve(name: Any, path, shape, *, max_dim: int, dense_max: int) -> str:
     return "diagonal" if len(shape) <= 1 else AUTO_MATRIX
   if name in ("kronecker", "ekfac") and len(shape) <= 1:
     return "diagonal"  # vectors (biases, norms) fall back to diagonal
+  if per_leaf and name in ("kronecker", "ekfac") and min(matrix_shape(shape)) > max_dim:
+    # One side above max_dim falls back to a diagonal factor on that side; a
+    # leaf asked for by name whose two sides both do would silently get a
+    # structure no better than "diagonal" (ekfac) or weaker (kronecker).
+    m, n = matrix_shape(shape)
+    raise ValueError(
+        f"structure={name!r} {where}: both sides of its {m}×{n} matrix exceed "
+        f"max_dim={max_dim}, so both factors would fall back to diagonals. Use "
+        "'diagonal' for this leaf, or raise max_dim.")
   if name == "dense" and math.prod(shape) > dense_max:
     raise ValueError(
         f"structure='dense' {where} needs a {math.prod(shape)}² matrix, above "
@@ -97,7 +107,9 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
       ``(path, shape) -> name``.
     params: the parameter pytree.
     max_dim: sides above this size use a diagonal factor (Kronecker) or the
-      identity basis (ekfac).
+      identity basis (ekfac). A leaf given ``"kronecker"`` or ``"ekfac"`` by
+      a pytree of names or a callable whose two sides both exceed it raises
+      ``ValueError``; one name for every leaf falls back silently.
     dense_max: the largest leaf size allowed with ``"dense"``.
 
   Returns:
@@ -105,7 +117,9 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
 
   Raises:
     ValueError: on an unknown name, a pytree that does not match ``params``,
-      or ``"dense"`` on a leaf larger than ``dense_max``.
+      ``"dense"`` on a leaf larger than ``dense_max``, or ``"kronecker"`` or
+      ``"ekfac"`` named for a leaf (pytree or callable) whose two sides both
+      exceed ``max_dim``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -127,7 +141,8 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
         lambda p, x: _resolve(structure, p, jnp.shape(x), **kw), params)
   if callable(structure):
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: _resolve(structure(p, jnp.shape(x)), p, jnp.shape(x), **kw),
+        lambda p, x: _resolve(structure(p, jnp.shape(x)), p, jnp.shape(x),
+                              per_leaf=True, **kw),
         params)
   p_def = jax.tree.structure(params)
   s_def = jax.tree.structure(structure)
@@ -138,7 +153,8 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
         f"{s_def.num_leaves} ({s_def}). Give one name per params leaf, or a "
         "callable (path, shape) -> name.")
   return jax.tree_util.tree_map_with_path(
-      lambda p, x, n: _resolve(n, p, jnp.shape(x), **kw), params, structure)
+      lambda p, x, n: _resolve(n, p, jnp.shape(x), per_leaf=True, **kw),
+      params, structure)
 
 
 def init(params: PyTree, structure: StructureSpec = "auto", *,
@@ -233,6 +249,31 @@ def _sharded_like(x: jax.Array, ref: jax.Array) -> jax.Array:
   return reshard(x, want)
 
 
+def identity_like(states: PyTree) -> PyTree:
+  """The identity map of every leaf's structure, with the shapes of ``states``.
+
+  What :func:`init` made for these states, read off their shapes (so without
+  ``max_dim``: a side held as a vector fell back to a diagonal factor).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = init({"w": jnp.zeros((3, 2))}, "kronecker", max_dim=2)
+    >>> [x.shape for x in identity_like(s)["w"]]
+    [(3,), (2, 2)]
+  """
+  def leaf(cls, s):
+    if cls is Kronecker or cls is EigenKronecker:
+      a, b = (s.left, s.right) if cls is Kronecker else (s.basis_in, s.basis_out)
+      square = [x.shape[0] for x in (a, b) if x.ndim == 2]
+      # The largest max_dim that turns exactly the vector sides into vectors.
+      max_dim = max(square) if square else 0
+      return cls.init((a.shape[0], b.shape[0]), max_dim=max_dim)
+    if cls is Dense:
+      return cls.init((s.matrix.shape[0],), max_dim=1)
+    return cls.init(tuple(jnp.shape(s[0])), max_dim=1)  # scalar, diagonal
+  return map_states(leaf, states)
+
+
 def map_states(fn: Callable[[type, Any], Any], states: PyTree) -> PyTree:
   """Maps ``fn(structure_class, state)`` over every leaf's state.
 
@@ -256,5 +297,6 @@ def map_states(fn: Callable[[type, Any], Any], states: PyTree) -> PyTree:
 __all__ = [
     "AUTO_MATRIX", "STRUCTURES", "Structure", "Scalar", "ScalarState",
     "Diagonal", "DiagonalState", "Kronecker", "KroneckerState", "EigenKronecker",
-    "EigenKroneckerState", "Dense", "DenseState", "apply", "init", "leaf_names",
+    "EigenKroneckerState", "Dense", "DenseState", "apply", "identity_like", "init",
+    "leaf_names",
     "map_states", "matrix_shape", "structure_of"]
