@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo notebooks clean
+.PHONY: test demo notebooks bench-cost bench-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ demo: $(STAMP)
 # Executes every notebook, with its outputs, into notebooks/out/ (git-ignored).
 notebooks: $(STAMP)
 	$(BIN)/python notebooks/run.py
+
+# Cost of llqr over adam (memory, compile, per-step overhead, refit scaling),
+# and 10,000-step runs at two learning rates: JSON + PNG in benchmarks/out/.
+bench-cost: $(STAMP)
+	$(BIN)/python benchmarks/cost.py --candidates
+
+bench-long: $(STAMP)
+	$(BIN)/python benchmarks/long_run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
