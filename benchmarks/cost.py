@@ -255,6 +255,7 @@ def plot(report, path):
   ax.bar(x + 0.2, ordinary, 0.4, label="ordinary step")
   ax.axhline(1.15, color="k", ls="--", lw=1, label="1.15")
   ax.set_xticks(x, labels, rotation=20, fontsize=7, ha="right")
+  ax.set_yscale("log")
   ax.set_ylabel("time per step / adam")
   ax.set_title("llqr+adam over adam (defaults unless named)")
   ax.legend(fontsize=8)
