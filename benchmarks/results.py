@@ -1,0 +1,413 @@
+"""Writes ``benchmarks/RESULTS.md`` from the benchmark JSON files.
+
+Reads ``quality.json`` (``benchmarks/quality.py``), and ``demo.json``
+(``benchmarks/demo.py``) and ``sweep.json`` (``benchmarks/sweep.py``) when
+present, from ``--in`` (default ``benchmarks/out``); copies their plots next to
+the Markdown file (``--assets``, default ``benchmarks/results``) and links them.
+Every number in the output is read from the JSON: nothing is typed by hand.
+The command that produced each JSON is printed with it (stored in the JSON by
+``quality.py``; reconstructed from the stored settings for the demo and the
+sweep).
+
+  .venv/bin/python benchmarks/results.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+PLOTS = {"quality": ("quality_rho.png", "quality_compute.png"),
+         "demo": ("demo.png",), "sweep": ()}
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+  if x is None:
+    return "–"
+  if isinstance(x, float):
+    if math.isnan(x):
+      return "nan"
+    return f"{x:.{digits}f}"
+  return str(x)
+
+
+def fmt_g(x: Any, digits: int = 4) -> str:
+  return "–" if x is None else f"{x:.{digits}g}"
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  out = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+  out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(out)
+
+
+def load(folder: Path, name: str) -> Optional[Dict[str, Any]]:
+  path = folder / f"{name}.json"
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())
+
+
+def copy_plots(src: Path, assets: Path, names: Sequence[str]) -> List[Path]:
+  copied = []
+  for n in names:
+    if (src / n).exists():
+      assets.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(src / n, assets / n)
+      copied.append(assets / n)
+  return copied
+
+
+def link(md: Path, png: Path, alt: str) -> str:
+  rel = os.path.relpath(png, md.parent).replace(os.sep, "/")
+  return f"![{alt}]({rel})"
+
+
+# --------------------------------------------------------------------------
+# Commands.
+
+
+def shell_quote(s: str) -> str:
+  """Like ``shlex.quote``, but double quotes around single-quoted Python."""
+  if s and all(c.isalnum() or c in "-_.=/:,+@%" for c in s):
+    return s
+  if not any(c in s for c in '"$`\\!'):
+    return f'"{s}"'
+  return shlex.quote(s)
+
+
+def join(args: Sequence[str]) -> str:
+  return " ".join(shell_quote(a) for a in args)
+
+
+def demo_command(meta) -> str:
+  args = ["python", "benchmarks/demo.py"]
+  for flag, key in (("--steps", "steps"), ("--seed", "seed"),
+                    ("--adam-lr", "adam_lr"), ("--sgd-lr", "sgd_lr")):
+    if key in meta:
+      args += [flag, str(meta[key])]
+  return join(args)
+
+
+def sweep_command(data) -> str:
+  meta = data["meta"]
+  args = ["python", "benchmarks/sweep.py"]
+  if "steps" in meta:
+    args += ["--steps", str(meta["steps"])]
+  if "seeds" in meta:
+    args += ["--seeds"] + [str(s) for s in meta["seeds"]]
+  if "adam_lr" in meta:
+    args += ["--lr", str(meta["adam_lr"])]
+  for row in data["rows"]:
+    args += ["--config", row["config"]]
+  return join(args)
+
+
+# --------------------------------------------------------------------------
+# Quality.
+
+
+def script_state(status: Optional[str]) -> str:
+  if status is None:
+    return "(state not recorded)"
+  if status == "clean":
+    return "committed and unmodified"
+  if status.startswith("??"):
+    return "untracked"
+  return "modified"
+
+
+def by(rows, **keys):
+  return [r for r in rows if all(r.get(k) == v for k, v in keys.items())]
+
+
+def one(rows, **keys):
+  found = by(rows, **keys)
+  return found[0] if found else None
+
+
+def quality_section(q, md: Path, plots: List[Path]) -> List[str]:
+  meta, rows = q["meta"], q["rows"]
+  methods = q["methods"]
+  order = [m for m in methods if any(r["method"] == m for r in rows)]
+  llqr = [m for m in order if m.startswith("llqr_")]
+  out = ["## Approximation quality ρ against the exact step",
+         "",
+         f"Command: `{meta['command']}` (git `{meta['git']}`; `{meta['script']}` "
+         f"{script_state(meta.get('script_git_status'))} in it, sha256 "
+         f"`{meta.get('script_sha256', '?')[:12]}`; wall time "
+         f"{fmt(meta['wall_seconds'], 0)} s, per model "
+         + ", ".join(f"{k} {fmt(v, 0)} s" for k, v in meta["seconds_per_model"].items())
+         + (f"; load average {fmt(meta['load_average_start'][0], 1)} at the start, "
+            f"{fmt(meta['load_average_end'][0], 1)} at the end"
+            if meta.get("load_average_start") else "") + ").",
+         "",
+         "ρ(U) = (gᵀUg)² / ((Ug)ᵀA(Ug) · gᵀA⁻¹g) on a fresh batch, with A = C + λI "
+         "its damped curvature and g its gradient: the fraction of the exact damped "
+         "step's quadratic-model decrease that the best-scaled step −α*·Ug "
+         "achieves (1: the exact step). The mean over the fresh batches is shown.",
+         ""]
+  setup = [
+      ("dataset", meta["dataset"]),
+      ("loss", meta["loss"]),
+      ("seed", meta["seed"]),
+      ("batch (fit and fresh)", meta["batch"]),
+      ("refits on distinct earlier batches", meta["refits"]),
+      ("fresh batches ρ is averaged over", meta["fresh_batches"]),
+      ("chunks per refit", meta["num_chunks"]),
+      ("inner solver steps (table)", f"CG, {meta['inner_steps']}"),
+      ("EMA of the fitted structures", meta["ema"]),
+      ("dampings λ", ", ".join(fmt_g(d) for d in meta["dampings"])),
+      ("Rényi α", meta["renyi_alpha"]),
+      ("exact row: library cg_step tolerance", fmt_g(meta["exact_cg_tol"])),
+  ]
+  out += [table(["setting", "value"], setup), ""]
+  out += [table(["model", "parameters", "architecture", "Adam steps", "Adam lr",
+                 "batch loss, first step", "batch loss, mean of last 10"],
+                [[m["name"], m["num_params"], m["architecture"], m["adam_steps"],
+                  fmt_g(m["adam_lr"]), fmt(m["adam_first_loss"]),
+                  fmt(m["adam_last10_loss"])] for m in q["models"]]), ""]
+  out += ["Methods:", ""]
+  out += [f"- `{m}`: {methods[m]}" for m in order]
+  out += [""]
+
+  # Headline.
+  ok = [r for r in rows if r["status"] == "ok"]
+  model_order = [m["name"] for m in q["models"]]
+  settings = sorted({(r["model"], r["damping"], r["geometry"]) for r in ok},
+                    key=lambda s: (model_order.index(s[0]), -s[1],
+                                   meta["geometries"].index(s[2])))
+  head_rows, wins_ideal, wins_kfac, wins_block = [], 0, 0, 0
+  sizes = {m["name"]: m["num_params"] for m in q["models"]}
+  for model, damping, geometry in settings:
+    sel = by(ok, model=model, damping=damping, geometry=geometry)
+    cands = [r for r in sel if r["method"] in llqr]
+    if not cands:
+      continue
+    best = max(cands, key=lambda r: r["rho"])
+    ideal = one(sel, method="kfac_ideal_layer")
+    kfac = one(sel, method="kfac")
+    stale = one(sel, method="stale_exact")
+    block = one(sel, method="blockdiag_layer_fit")
+    if block and best["rho"] > block["rho"]:
+      wins_block += 1
+    if ideal and best["rho"] > ideal["rho"]:
+      wins_ideal += 1
+    if kfac and best["rho"] > kfac["rho"]:
+      wins_kfac += 1
+    per_refit = best["curvature_products"] / best["refits"]
+    head_rows.append([
+        model, fmt_g(damping), geometry, best["method"].replace("llqr_", ""),
+        fmt(best["rho"]), fmt(ideal and ideal["rho"]), fmt(kfac and kfac["rho"]),
+        fmt(block and block["rho"]), fmt(stale and stale["rho"]),
+        fmt(best["rho"] / ideal["rho"], 2) if ideal else "–",
+        f"{best['curvature_products']} ({fmt(per_refit, 0)}/refit)",
+        sizes[model]])
+  out += ["### Headline: llqr's best structure against K-FAC", ""]
+  n = len(head_rows)
+  out += [f"Of the {n} (model, λ, geometry) settings with a positive definite A, "
+          f"llqr's best structure (fitted on earlier batches) has a higher ρ than "
+          f"the ideal K-FAC (`kfac_ideal_layer`: the exact per-layer block-diagonal "
+          f"inverse of the fresh batch's own A) in {wins_ideal} of {n}; than the "
+          f"same block-diagonal inverse taken from the fit batches "
+          f"(`blockdiag_layer_fit`) in {wins_block} of {n}; and than K-FAC's "
+          f"Kronecker factors estimated on the fit batches (`kfac`) in {wins_kfac} "
+          f"of {n}. Refit cost is in curvature products (one per gradient sample), "
+          f"summed over the refits; forming A densely costs one product per "
+          f"parameter.", ""]
+  out += [table(["model", "λ", "geometry", "best llqr", "ρ llqr", "ρ ideal K-FAC",
+                 "ρ K-FAC", "ρ block-diag (fit)", "ρ stale exact", "llqr / ideal",
+                 "llqr refit products", "products to form A"], head_rows), ""]
+
+  # Full tables.
+  out += ["### ρ for every method and geometry", ""]
+  for model in [m["name"] for m in q["models"]]:
+    for damping in meta["dampings"]:
+      geoms = [g for g in meta["geometries"]
+               if by(rows, model=model, damping=damping, geometry=g)]
+      if not geoms:
+        continue
+      body = []
+      for m in order:
+        cells = []
+        for g in geoms:
+          r = one(rows, model=model, damping=damping, geometry=g, method=m)
+          cells.append("–" if r is None else
+                       (fmt(r["rho"]) if r["status"] == "ok" else r["status"]))
+        body.append([f"`{m}`"] + cells)
+      out += [f"**{model}, λ = {fmt_g(damping)}**", "",
+              table(["method"] + geoms, body), ""]
+  for p in plots:
+    if p.name == "quality_rho.png":
+      out += [link(md, p, "ρ per method and geometry"), ""]
+
+  # Curvature facts.
+  curv = q["curvature"]
+  crow = []
+  for c in curv:
+    eig = c.get("min_eig_curvature_fresh")
+    crow.append([c["model"], c["geometry"], fmt_g(c["damping"]), c["status"],
+                 "–" if not eig else ", ".join(fmt_g(e, 3) for e in eig),
+                 ", ".join(fmt_g(t, 3) for t in c["trace_over_p_fresh"])])
+  out += ["### Curvature of the fresh batches", "",
+          "`indefinite`: A = C + λI has a non-positive eigenvalue on a fresh batch, "
+          "so the exact step is not a minimiser and ρ is not reported.", "",
+          table(["model", "geometry", "λ", "A on fresh batches",
+                 "smallest eigenvalue of C (Newton)", "tr(C)/P per fresh batch"], crow),
+          ""]
+
+  checks = q.get("checks") or []
+  if checks:
+    out += ["### Check: dense-product fits against `fitting.build_problem`", "",
+            "The table's llqr fits use `fitting.refit` on problems whose curvature "
+            "product is the dense C of each fit batch (one compilation for every "
+            "geometry). Redone through the library's own `fitting.build_problem` "
+            "(jvp/vjp products):", "",
+            table(["model", "geometry", "λ", "structure", "ρ build_problem",
+                   "ρ dense products", "absolute difference"],
+                  [[c["model"], c["geometry"], fmt_g(c["damping"]), c["structure"],
+                    fmt(c["rho_build_problem"], 4), fmt(c["rho_dense_products"], 4),
+                    fmt_g(c["abs_difference"], 2)] for c in checks]), ""]
+
+  comp = q.get("compute") or []
+  if comp:
+    groups = sorted({(r["model"], r["damping"], r["structure"]) for r in comp},
+                    key=str)
+    cg_wins, compared = 0, 0
+    for model, damping, structure in groups:
+      sel = by(comp, model=model, damping=damping, structure=structure)
+      sgd = [r for r in sel if r["solver"] == "sgd"]
+      if not sgd:
+        continue
+      top = max(sgd, key=lambda r: r["curvature_products"])
+      cg = [r for r in sel if r["solver"] == "cg"
+            and r["curvature_products"] <= top["curvature_products"]]
+      if cg:
+        compared += 1
+        cg_wins += max(r["rho"] for r in cg) > top["rho"]
+    out += [f"### ρ against refit compute ({meta['compute_geometry']})", "",
+            f"Inner steps per block and refit: CG "
+            f"{', '.join(str(s) for s in meta['cg_steps'])}; the authors' momentum "
+            f"SGD {', '.join(str(s) for s in meta['sgd_steps']) or '(none)'}. "
+            f"Curvature products over the {meta['refits']} refits."
+            + (f" In {cg_wins} of {compared} (model, λ, structure) groups, CG with "
+               f"at most as many products as SGD's largest setting reaches a higher ρ "
+               f"than it." if compared else ""), ""]
+    for model in [m["name"] for m in q["models"]]:
+      for damping in meta["dampings"]:
+        sel = by(comp, model=model, damping=damping)
+        if not sel:
+          continue
+        body = [[r["structure"], r["solver"], r["inner_steps"],
+                 r["curvature_products"], fmt(r["rho"])] for r in sel]
+        out += [f"**{model}, λ = {fmt_g(damping)}**", "",
+                table(["structure", "solver", "inner steps", "curvature products",
+                       "ρ"], body), ""]
+    for p in plots:
+      if p.name == "quality_compute.png":
+        out += [link(md, p, "ρ against refit compute"), ""]
+  return out
+
+
+# --------------------------------------------------------------------------
+# Demo and sweep.
+
+
+def demo_section(d, md: Path, plots: List[Path]) -> List[str]:
+  meta = d["meta"]
+  out = ["## Training demo (MNIST-1D)", "",
+         f"Command (reconstructed from `demo.json`'s settings): "
+         f"`{demo_command(meta)}`; task `{meta.get('task', '?')}`, batch "
+         f"{meta.get('batch_size', '?')}, wall time "
+         f"{fmt(meta.get('wall_seconds'), 0)} s. Timing: {meta.get('timing', '–')}.", ""]
+  body = [[r["optimizer"], fmt(r["final_train_loss"], 4),
+           f"{fmt(100 * r['test_accuracy'], 1)}%", fmt(r["ms_per_step_median"], 2),
+           fmt(r["ms_per_step_mean"], 2), fmt(r["ratio_vs_adam_median"], 2),
+           fmt(r["ratio_vs_adam_mean"], 2), r.get("refits", "–"),
+           r.get("skipped_refits", "–"), r.get("skipped_updates", "–")]
+          for r in d["rows"]]
+  out += [table(["optimizer", "final train loss", "test accuracy", "ms/step median",
+                 "ms/step mean", "× Adam (median)", "× Adam (mean)", "refits",
+                 "skipped refits", "skipped updates"], body), ""]
+  for p in plots:
+    out += [link(md, p, "training loss per step"), ""]
+  return out
+
+
+def sweep_section(s) -> List[str]:
+  meta = s["meta"]
+  out = ["## Settings sweep (MNIST-1D)", "",
+         f"Command (reconstructed from `sweep.json`'s settings): "
+         f"`{sweep_command(s)}`; batch {meta.get('batch', '?')}.", ""]
+  seeds = meta.get("seeds", [])
+  body = []
+  for r in s["rows"]:
+    body.append([f"`{r['config'] or '(llqr defaults)'}`"]
+                + [fmt(v, 4) for v in r["train_loss"]]
+                + [fmt(r["median_train_loss"], 4),
+                   f"{fmt(100 * r['median_test_accuracy'], 1)}%"])
+  out += [table(["config"] + [f"train loss, seed {x}" for x in seeds]
+                + ["median train loss", "median test accuracy"], body), ""]
+  return out
+
+
+def environment_section(found: Dict[str, Dict[str, Any]]) -> List[str]:
+  keys = ("platform", "cpu_model", "cpu_count", "python", "jax", "optax", "numpy",
+          "backend", "devices", "git", "seed", "seeds")
+  names = list(found)
+  body = []
+  for k in keys:
+    vals = [found[n]["meta"].get(k) for n in names]
+    if any(v is not None for v in vals):
+      body.append([k] + ["–" if v is None else f"`{v}`" for v in vals])
+  return ["## Machine, versions, seeds", "",
+          table(["", *[f"{n}.json" for n in names]], body), ""]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--in", dest="src", type=Path,
+                      default=_ROOT / "benchmarks" / "out",
+                      help="folder with quality.json, demo.json, sweep.json")
+  parser.add_argument("--md", type=Path, default=_ROOT / "benchmarks" / "RESULTS.md",
+                      help="the Markdown file to write")
+  parser.add_argument("--assets", type=Path, default=None,
+                      help="folder the plots are copied to (default: results/ "
+                           "next to --md)")
+  args = parser.parse_args(argv)
+  assets = args.assets or args.md.parent / "results"
+
+  found = {n: d for n in ("quality", "demo", "sweep")
+           if (d := load(args.src, n)) is not None}
+  if not found:
+    parser.error(f"no quality.json, demo.json or sweep.json in {args.src}")
+  out = ["# Benchmark results", "",
+         "Generated by `python benchmarks/results.py` from "
+         + ", ".join(f"`{n}.json`" for n in found)
+         + ". Do not edit by hand: rerun the commands below, then this script.", ""]
+  if "quality" in found:
+    out += quality_section(found["quality"], args.md,
+                           copy_plots(args.src, assets, PLOTS["quality"]))
+  if "demo" in found:
+    out += demo_section(found["demo"], args.md,
+                        copy_plots(args.src, assets, PLOTS["demo"]))
+  if "sweep" in found:
+    out += sweep_section(found["sweep"])
+  out += environment_section(found)
+  args.md.parent.mkdir(parents=True, exist_ok=True)
+  args.md.write_text("\n".join(out).rstrip() + "\n")
+  print(f"wrote {args.md} (from {', '.join(found)}; plots in {assets})", flush=True)
+  return args.md
+
+
+if __name__ == "__main__":
+  main()
