@@ -139,11 +139,16 @@ def _output_hvp(fn: Callable[[Array], Array], z: Array) -> Callable[[Array], Arr
 def _per_event_outer(loss: losses_lib.Loss, grads: Array, scale: float):
   """``v -> scale · Σ_e g_e (g_e · v_e)`` for event gradients stacked in ``grads``."""
   ndim = grads.ndim - 1 if loss.event_ndim is None else loss.event_ndim
-  axes = tuple(range(grads.ndim - ndim, grads.ndim))
+
+  batch_shape = grads.shape[:grads.ndim - ndim]
+  flat = grads.reshape(batch_shape + (-1,))
 
   def product(v):
-    dots = jnp.sum(grads * v, axis=axes, keepdims=True)
-    return scale * grads * dots
+    # A contraction (dot), not ``sum(grads * v, keepdims=True)``: XLA:CPU
+    # miscompiled that reduce-then-broadcast under vmap for > 32768 elements
+    # (wrong products, no error), see tests/test_geometry.py.
+    dots = jnp.einsum("...k,...k->...", flat, v.reshape(batch_shape + (-1,)))
+    return scale * grads * dots.reshape(batch_shape + (1,) * ndim)
   return product
 
 
