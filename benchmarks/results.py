@@ -1,8 +1,9 @@
 """Writes ``benchmarks/RESULTS.md`` from the benchmark JSON files.
 
 Reads ``quality.json`` (``benchmarks/quality.py``), and ``demo.json``
-(``benchmarks/demo.py``) and ``sweep.json`` (``benchmarks/sweep.py``) when
-present, from ``--in`` (default ``benchmarks/out``); copies their plots next to
+(``benchmarks/demo.py``), ``sweep.json`` (``benchmarks/sweep.py``) and every
+``training_<tag>.json`` (``benchmarks/training.py``) when present, from
+``--in`` (default ``benchmarks/out``); copies their plots next to
 the Markdown file (``--assets``, default ``benchmarks/results``) and links them.
 Every number in the output is read from the JSON: nothing is typed by hand.
 The command that produced each JSON is printed with it (stored in the JSON by
@@ -360,6 +361,103 @@ def sweep_section(s) -> List[str]:
   return out
 
 
+# --------------------------------------------------------------------------
+# Training (benchmarks/training.py).
+
+
+def _stat(d: Optional[Dict[str, float]], digits: int = 3, scale: float = 1.0,
+          suffix: str = "") -> str:
+  """``median [min–max]`` of a summary statistic."""
+  if not d:
+    return "–"
+  med, lo, hi = (scale * d[k] for k in ("median", "min", "max"))
+  if lo == hi:
+    return f"{med:.{digits}f}{suffix}"
+  return f"{med:.{digits}f}{suffix} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
+def _grid_cell(grid: Dict[str, Optional[float]], best: float) -> str:
+  cells = []
+  for lr, loss in grid.items():
+    mark = "**" if float(lr) == best else ""
+    cells.append(f"{mark}{lr}: {fmt(loss, 3) if loss is not None else 'diverged'}{mark}")
+  return ", ".join(cells)
+
+
+def training_section(name: str, t: Dict[str, Any], md: Path,
+                     plots: List[Path]) -> List[str]:
+  """Tables per task, the protocol and the command of one ``training_*.json``."""
+  meta = t["meta"]
+  out = [f"## Training benchmark (`{name}.json`)", "",
+         f"Command: `{meta['command']}` (git `{meta['git']}`; `{meta['script']}` "
+         f"{script_state(meta.get('script_git_status'))} in it; wall time "
+         f"{fmt(meta['wall_seconds'] / 60, 1)} min, per task "
+         + ", ".join(f"{x['name']} {fmt(x['seconds'] / 60, 1)} min" for x in t["tasks"])
+         + f"; load average {fmt(meta['load_average_start'][0], 1)} at the start, "
+         f"{fmt(meta['load_average_end'][0], 1)} at the end; jax {meta['jax']}, "
+         f"optax {meta['optax']}, flax {meta.get('flax')}, python {meta['python']}).",
+         "",
+         f"Protocol: every optimizer is tuned on seed {meta['seeds'][0]} over its "
+         "family's base rate times "
+         + (f"{', '.join(fmt_g(m) for m in meta['lr_mults'])}" if not meta.get("lrs")
+            else f"(absolute rates {', '.join(fmt_g(v) for v in meta['lrs'])})")
+         + " by the final training loss (on a fixed training subset), and the best "
+         f"rate is run on seeds {', '.join(str(x) for x in meta['seeds'])}. For a "
+         "seed, all optimizers start from the same parameters and see the same "
+         "batches; their runs are interleaved in blocks of steps so they share the "
+         f"machine's load. Timing: {meta['timing']}. The target is reached when the "
+         f"EMA (β = {meta['smoothing_beta']}) of the batch training loss first "
+         "falls to it; seconds to target sum the step times up to then "
+         "(compilation out). Cells show the median over seeds [min–max].", ""]
+  if meta.get("skipped"):
+    out += ["Skipped here: " + "; ".join(f"`{k}` ({v})" for k, v in
+                                          meta["skipped"].items()), ""]
+  for task in t["tasks"]:
+    rows = [r for r in t["summary"] if r["task"] == task["name"]]
+    info = task.get("info", {})
+    facts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.items()
+                      if k not in ("dataset", "corpus_sha256"))
+    out += [f"### {task['name']}", "",
+            f"{task['description']}; {task['num_params']} parameters; "
+            f"{info.get('dataset', '')}" + (f" ({facts})" if facts else "")
+            + f". {task['steps']} steps, batch {task['batch_size']}, target training "
+            f"loss {fmt_g(task['target_loss'])}; base rates "
+            + ", ".join(f"{k} {fmt_g(v)}" for k, v in task["base_lrs"].items())
+            + ".", ""]
+    body = []
+    for r in rows:
+      n = len(r["seeds"])
+      body.append([
+          f"`{r['optimizer']}`", fmt_g(r["best_lr"]),
+          _stat(r["final_train_loss"], 3), _stat(r["final_val_loss"], 3),
+          _stat(r["final_val_acc"], 1, 100.0, "%"),
+          f"{r['reached_target']}/{n}"
+          + (f": {fmt(r['steps_to_target_median'], 0)}"
+             if r["steps_to_target_median"] is not None else ""),
+          fmt(r["seconds_to_target_median"], 1),
+          _stat(r["ms_per_step_median"], 2), _stat(r["ms_per_step_mean"], 2),
+          _stat(r["ratio_vs_adam_median"], 2), _stat(r["ratio_vs_adam_mean"], 2),
+          fmt(r["compile_seconds"], 1), r["nan_count"]])
+    out += [table(["optimizer", "best lr", "final train loss", "val loss",
+                   "val acc", "reached target: median steps",
+                   "median s to target", "ms/step median", "ms/step mean",
+                   "× Adam (median)", "× Adam (mean)", "compile + 1st step s",
+                   "NaN losses"], body), ""]
+    out += ["Learning-rate grid (final training loss on seed "
+            f"{meta['seeds'][0]}; best in bold):", ""]
+    out += [table(["optimizer", "grid"],
+                  [[f"`{r['optimizer']}`", _grid_cell(r["grid"], r["best_lr"])]
+                   for r in rows]), ""]
+    errors = [(r["optimizer"], e) for r in rows for e in r.get("errors", [])]
+    if errors:
+      out += ["Errors: " + "; ".join(f"`{o}`: {e}" for o, e in errors), ""]
+    for p in plots:
+      if p.name.endswith(f"_{task['name']}.png"):
+        out += [link(md, p, f"{task['name']}: training loss against steps and "
+                            "seconds"), ""]
+  return out
+
+
 def environment_section(found: Dict[str, Dict[str, Any]]) -> List[str]:
   keys = ("platform", "cpu_model", "cpu_count", "python", "jax", "optax", "numpy",
           "backend", "devices", "git", "seed", "seeds")
@@ -377,7 +475,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--in", dest="src", type=Path,
                       default=_ROOT / "benchmarks" / "out",
-                      help="folder with quality.json, demo.json, sweep.json")
+                      help="folder with quality.json, demo.json, sweep.json, training_*.json")
   parser.add_argument("--md", type=Path, default=_ROOT / "benchmarks" / "RESULTS.md",
                       help="the Markdown file to write")
   parser.add_argument("--assets", type=Path, default=None,
@@ -388,8 +486,11 @@ def main(argv=None):
 
   found = {n: d for n in ("quality", "demo", "sweep")
            if (d := load(args.src, n)) is not None}
+  for path in sorted(args.src.glob("training_*.json")):
+    found[path.stem] = json.loads(path.read_text())
   if not found:
-    parser.error(f"no quality.json, demo.json or sweep.json in {args.src}")
+    parser.error(f"no quality.json, demo.json, sweep.json or training_*.json "
+                 f"in {args.src}")
   out = ["# Benchmark results", "",
          "Generated by `python benchmarks/results.py` from "
          + ", ".join(f"`{n}.json`" for n in found)
@@ -402,6 +503,10 @@ def main(argv=None):
                         copy_plots(args.src, assets, PLOTS["demo"]))
   if "sweep" in found:
     out += sweep_section(found["sweep"])
+  for n in (n for n in found if n.startswith("training_")):
+    out += training_section(n, found[n], args.md,
+                            copy_plots(args.src, assets,
+                                       found[n]["meta"].get("plots", ())))
   out += environment_section(found)
   args.md.parent.mkdir(parents=True, exist_ok=True)
   args.md.write_text("\n".join(out).rstrip() + "\n")
