@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo notebooks bench-cost bench-long clean
+.PHONY: test demo notebooks bench-cost bench-long bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ bench-cost: $(STAMP)
 
 bench-long: $(STAMP)
 	$(BIN)/python benchmarks/long_run.py
+
+# Training benchmark in the main env: three tasks (MNIST-1D MLP and ResNet,
+# char Transformer LM), optax's optimizers and llqr variants, learning-rate
+# grid on seed 0 then seeds 0-2; ~30-40 min on a 2-core CPU. Then RESULTS.md.
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/results.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
