@@ -28,6 +28,7 @@ measures the overhead of cheaper llqr settings on the MLP. Writes
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -51,13 +52,15 @@ import llqr_optax  # noqa: E402
 from benchmarks import datasets  # noqa: E402
 
 LOSS = "softmax_cross_entropy"
+DEFAULT_REFIT_EVERY = inspect.signature(llqr_optax.scale_by_llqr).parameters[
+    "refit_every"].default
 STRUCTURES = ("scalar", "diagonal", "kronecker", "ekfac", "dense")
-#: Cheaper settings measured with ``--candidates`` (llqr keyword arguments).
+#: Other settings measured with ``--candidates`` (llqr keyword arguments): the
+#: defaults before they were made cheaper (before/after), and cheaper still.
 CANDIDATES = {
-    "refit_every=100": dict(refit_every=100),
+    "before: refit_every=50,num_chunks=8": dict(refit_every=50, num_chunks=8),
+    "refit_every=400": dict(refit_every=400),
     "inner_steps=5": dict(inner_steps=5),
-    "num_chunks=4": dict(num_chunks=4),
-    "refit_every=100,inner_steps=5": dict(refit_every=100, inner_steps=5),
 }
 
 
@@ -99,28 +102,39 @@ def loss_fn(logits, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_step(model, tx, uses_llqr):
+def make_step(model, tx, uses_llqr, refit=None):
+  """One training step; ``refit`` (a Python bool) selects llqr's static path."""
   def step(params, opt_state, x, y):
     apply_fn = lambda p: model.apply(p, x)
     loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p), y))(params)
     extra = dict(apply_fn=apply_fn, targets=y) if uses_llqr else {}
+    if refit is not None:
+      extra["refit"] = refit
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
   return step
 
 
 class Runner:
-  """A compiled step, its params and state, and a ring of batches."""
+  """Compiled steps, their params and state, and a ring of batches.
 
-  def __init__(self, model, tx, uses_llqr, params, batches, refit_every=None):
+  ``static=True`` compiles llqr's two steps (``refit=True`` and ``False``)
+  and picks one per step with ``llqr_optax.refit_due``; otherwise one step
+  holds the refit in a ``lax.cond``.
+  """
+
+  def __init__(self, model, tx, uses_llqr, params, batches, refit_every=None,
+               static=False):
     self.tx, self.uses_llqr, self.refit_every = tx, uses_llqr, refit_every
+    self.static = static
     self.params, self.state = params, tx.init(params)
     self.batches = batches
     self.t = 0
-    fn = jax.jit(make_step(model, tx, uses_llqr))
     x, y = batches[0]
     tic = time.perf_counter()
-    self.step = fn.lower(self.params, self.state, x, y).compile()
+    flags = (False, True) if static else (None,)
+    self.steps = {f: jax.jit(make_step(model, tx, uses_llqr, f)).lower(
+        self.params, self.state, x, y).compile() for f in flags}
     self.compile_seconds = time.perf_counter() - tic
 
   def run(self, n, sync_each=False):
@@ -129,7 +143,8 @@ class Runner:
     tic = time.perf_counter()
     for _ in range(n):
       x, y = self.batches[self.t % len(self.batches)]
-      self.params, self.state, loss = self.step(self.params, self.state, x, y)
+      flag = llqr_optax.refit_due(self.t, self.refit_every) if self.static else None
+      self.params, self.state, loss = self.steps[flag](self.params, self.state, x, y)
       self.t += 1
       if sync_each:
         loss.block_until_ready()
@@ -144,9 +159,7 @@ class Runner:
   def refit_flags(self, n):
     """Which of the next ``n`` steps refit (llqr's schedule)."""
     count = int(llqr_optax.find_state(self.state).count)
-    every = self.refit_every
-    return [((c % every == 0) or (c > 0 and c & (c - 1) == 0 and c < every))
-            for c in range(count, count + n)]
+    return [llqr_optax.refit_due(c, self.refit_every) for c in range(count, count + n)]
 
 
 def make_batches(data, batch, num, seed=0):
@@ -159,12 +172,12 @@ def make_batches(data, batch, num, seed=0):
   return out
 
 
-def measure(model, params, batches, llqr_kw, repeats, log, label):
+def measure(model, params, batches, llqr_kw, repeats, log, label, static=False):
   """Compile times, amortised overhead and refit/ordinary step times."""
-  refit_every = llqr_kw.get("refit_every", 50)
+  refit_every = llqr_kw.get("refit_every", DEFAULT_REFIT_EVERY)
   llqr_tx = optax.chain(llqr_optax.llqr(loss=LOSS, **llqr_kw), optax.adam(1e-3))
   adam = Runner(model, optax.adam(1e-3), False, params, batches)
-  llqr = Runner(model, llqr_tx, True, params, batches, refit_every)
+  llqr = Runner(model, llqr_tx, True, params, batches, refit_every, static=static)
   log(f"  {label}: compiled adam in {adam.compile_seconds:.2f}s, llqr+adam in "
       f"{llqr.compile_seconds:.2f}s")
   # Past the warm-up refits (0, 1, 2, 4, …) so blocks see the steady schedule.
@@ -186,7 +199,7 @@ def measure(model, params, batches, llqr_kw, repeats, log, label):
   plain_times = [t for t, f in zip(per_llqr, flags) if not f]
   med = lambda v: float(np.median(v)) * 1e3
   out = dict(
-      llqr_kwargs=llqr_kw,
+      llqr_kwargs=llqr_kw, static_refit=static,
       ratio_mean=float(np.median(ratios)), ratio_min=float(np.min(ratios)),
       ratio_max=float(np.max(ratios)),
       ms_per_step_adam=med(t_adam), ms_per_step_llqr=med(t_llqr),
@@ -243,9 +256,10 @@ def plot(report, path):
   ax = axes[0, 1]
   labels, ratios, ordinary = [], [], []
   for t in report["tasks"]:
-    labels.append(t["task"].replace("mnist1d_", ""))
-    ratios.append(t["overhead"]["ratio_mean"])
-    ordinary.append(t["overhead"]["ratio_ordinary_step"])
+    for key, tag in (("overhead", ""), ("overhead_static_refit", " (2 steps)")):
+      labels.append(t["task"].replace("mnist1d_", "") + tag)
+      ratios.append(t[key]["ratio_mean"])
+      ordinary.append(t[key]["ratio_ordinary_step"])
   for name, c in report.get("candidates", {}).items():
     labels.append(name)
     ratios.append(c["ratio_mean"])
@@ -313,9 +327,12 @@ def main(argv=None):
     log("  memory (state/params): " + ", ".join(
         f"{k} {v:.2f}" for k, v in memory.items() if isinstance(v, float) and k != "params_bytes"))
     overhead = measure(model, params, batches, {}, repeats, log, "defaults")
+    static = measure(model, params, batches, {}, repeats, log,
+                     "defaults, two compiled steps (refit=True/False)", static=True)
     report["tasks"].append(dict(
         task=name, batch=128, params=int(sum(x.size for x in jax.tree.leaves(params))),
-        memory=memory, compile_seconds=overhead["compile_seconds"], overhead=overhead))
+        memory=memory, compile_seconds=overhead["compile_seconds"], overhead=overhead,
+        overhead_static_refit=static))
     if default_mlp is None:
       default_mlp = overhead
       if args.candidates:
@@ -356,13 +373,15 @@ def main(argv=None):
   plot(report, png)
   print()
   print(f"{'task':32s} {'llqr/adam':>9s} {'ordinary':>8s} {'refit ms':>8s} "
+        f"{'static: llqr/adam':>17s} {'refit ms':>8s} "
         f"{'compile llqr/adam s':>20s}  state/params: " + " ".join(STRUCTURES))
   for t in report["tasks"]:
-    o = t["overhead"]
+    o, st = t["overhead"], t["overhead_static_refit"]
     mem = " ".join(f"{t['memory'][s]:.2f}" if t["memory"][s] is not None else "-"
                    for s in STRUCTURES)
     print(f"{t['task']:32s} {o['ratio_mean']:9.2f} {o['ratio_ordinary_step']:8.2f} "
-          f"{o['refit_extra_ms']:8.1f} {o['compile_seconds']['llqr+adam']:10.2f}/"
+          f"{o['refit_extra_ms']:8.1f} {st['ratio_mean']:17.2f} {st['refit_extra_ms']:8.1f} "
+          f"{o['compile_seconds']['llqr+adam']:10.2f}/"
           f"{o['compile_seconds']['adam']:.2f}  {mem}")
   for cname, c in report["candidates"].items():
     print(f"{'MLP ' + cname:32s} {c['ratio_mean']:9.2f} {c['ratio_ordinary_step']:8.2f} "

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from llqr_optax import fitting
@@ -24,6 +25,8 @@ from llqr_optax import losses as losses_lib
 from llqr_optax import structures
 
 PyTree = Any
+
+_DEFAULT_REFIT_EVERY = 200
 
 #: Bounds of the adapted damping.
 _MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8
@@ -258,14 +261,41 @@ def _refit_due(count, refit_every):
   return (count % refit_every == 0) | (power_of_two & (count < refit_every))
 
 
+def refit_due(step: int, refit_every: int = _DEFAULT_REFIT_EVERY) -> bool:
+  """Whether llqr's schedule refits at ``step``, as a Python bool.
+
+  The schedule is steps 0, 1, 2, 4, 8, … below ``refit_every``, then every
+  ``refit_every`` steps. ``update`` follows it by itself, inside a
+  ``lax.cond``; a loop that compiles two steps instead (``refit=True`` and
+  ``refit=False``, see :func:`scale_by_llqr`) picks one with this. XLA:CPU
+  runs convolutions inside a conditional many times slower than outside one,
+  so conv nets on CPU train faster that way.
+
+  Args:
+    step: the number of updates made so far (llqr's ``count``).
+    refit_every: the refit period given to :func:`scale_by_llqr`.
+
+  Returns:
+    ``True`` at a refit step.
+
+  Example:
+    >>> import llqr_optax
+    >>> [t for t in range(1000) if llqr_optax.refit_due(t, refit_every=200)]
+    [0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 400, 600, 800]
+  """
+  step = _static_int("step", step, 0)
+  refit_every = _static_int("refit_every", refit_every, 1)
+  return bool(_refit_due(np.int64(step), np.int64(refit_every)))
+
+
 def scale_by_llqr(
     *,
     loss: losses_lib.LossLike,
     geometry: geometry_lib.GeometryLike = "ggn",
     structure: structures.StructureSpec = "auto",
     damping: float = 1.0,
-    refit_every: int = 50,
-    num_chunks: int = 8,
+    refit_every: int = _DEFAULT_REFIT_EVERY,
+    num_chunks: int = 4,
     inner_steps: int = 10,
     inner_solver: str = "cg",
     ema: float = 0.9,
@@ -297,7 +327,12 @@ def scale_by_llqr(
   - ``apply_fn(params) -> outputs`` closes over the current inputs;
   - ``targets`` are the labels (leading axis = examples);
   - unknown extra arguments are ignored; ``full_params`` is needed under
-    ``optax.masked``/``multi_transform``.
+    ``optax.masked``/``multi_transform``;
+  - ``refit=None`` (default) refits on the schedule, inside a ``lax.cond`` of
+    the compiled step; a Python bool refits now (``True``) or not, with no
+    conditional, for loops that compile two steps and pick one with
+    :func:`refit_due` (faster for conv nets on XLA:CPU, which runs
+    convolutions inside a conditional many times slower).
 
   Args:
     loss: ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"``,
@@ -312,7 +347,8 @@ def scale_by_llqr(
       vectors and :data:`~llqr_optax.structures.AUTO_MATRIX` for matrices.
     damping: ``λ > 0`` added to the curvature.
     refit_every: refit period in steps (after the warm-up refits at steps 0,
-      1, 2, 4, …).
+      1, 2, 4, …). A refit costs about ``num_chunks · (inner_steps + 3)``
+      curvature products, each about one training step.
     num_chunks: gradient samples per refit (the batch's leading axis is split).
     inner_steps: inner solver steps per refit and block. Few steps also
       regularise: the fit sees only ``num_chunks`` gradient samples.
@@ -404,8 +440,15 @@ def scale_by_llqr(
         reduction_ratio=f32(jnp.nan))
 
   def update_fn(updates, state, params=None, *, apply_fn: Optional[Callable] = None,
-                targets: Any = None, full_params: Any = None, **extra_args):
+                targets: Any = None, full_params: Any = None,
+                refit: Optional[bool] = None, **extra_args):
     del extra_args
+    if refit is not None and not isinstance(refit, (bool, np.bool_)):
+      raise ValueError(
+          f"refit={refit!r} must be None (refit on llqr's schedule, decided "
+          "inside the compiled step) or a Python bool (refit now or not; "
+          "compile one step per value, e.g. with static_argnames, and pick it "
+          "with llqr_optax.refit_due(step, refit_every)).")
     if apply_fn is None or not callable(apply_fn):
       raise ValueError(
           f"apply_fn={apply_fn!r}: llqr needs apply_fn(params) -> outputs, "
@@ -474,8 +517,16 @@ def scale_by_llqr(
                                       1.0).astype(jnp.float32), state.output_scale),
           reduction_ratio=keep(ratio, state.reduction_ratio))
 
-    due = _refit_due(state.count, refit_every)
-    state = jax.lax.cond(due & grads_finite, do_refit, lambda s: s, state)
+    if refit is None:
+      due = _refit_due(state.count, refit_every)
+      state = jax.lax.cond(due & grads_finite, do_refit, lambda s: s, state)
+    elif refit:
+      # No conditional: the caller compiled a refit step of its own.
+      due = jnp.asarray(True)
+      refitted = do_refit(state)
+      state = jax.tree.map(lambda n, o: jnp.where(grads_finite, n, o), refitted, state)
+    else:
+      due = jnp.asarray(False)
     # A refit due on a non-finite gradient is skipped too, and counted.
     state = state._replace(skipped_refits=state.skipped_refits
                            + (due & ~grads_finite).astype(jnp.int32))

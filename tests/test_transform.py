@@ -149,6 +149,49 @@ def test_no_recompilation_after_first_step(run):
   assert all_finite(run["params"][-1])
 
 
+def test_refit_due_is_the_schedule():
+  assert [t for t in range(NUM_STEPS) if llqr_optax.refit_due(t, REFIT_EVERY)] \
+      == sorted(REFIT_STEPS)
+  assert [t for t in range(700) if llqr_optax.refit_due(t)] == [
+      0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 400, 600]
+  with pytest.raises(ValueError, match="refit_every=0"):
+    llqr_optax.refit_due(3, 0)
+
+
+def test_static_refit_steps_match_the_scheduled_run(run):
+  """Two compiled steps (refit=True / False, picked by refit_due) = the cond."""
+  steps = {flag: make_step(MAIN_TX, f"static_{flag}", refit=flag) for flag in (False, True)}
+  params, state = run["params"][0], run["states"][0]
+  for t in range(NUM_STEPS):
+    x, y = run["batches"][t]
+    params, state, updates = steps[llqr_optax.refit_due(t, REFIT_EVERY)](
+        params, state, run["grads"][t], x, y)
+    assert_trees_close(updates, run["updates"][t])
+    assert_trees_close(llqr_of(state), llqr_of(run["states"][t + 1]))
+  assert TRACES["static_False"] == TRACES["static_True"] == 1
+
+
+def test_static_refit_on_a_nan_gradient_is_skipped(run):
+  state = run["states"][3]
+  x, y = run["batches"][3]
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), run["grads"][3])
+  params, after, updates = make_step(MAIN_TX, "static_nan", refit=True)(
+      run["params"][3], state, bad, x, y)
+  assert_trees_equal(llqr_of(after).preconditioner, llqr_of(state).preconditioner)
+  assert int(llqr_of(after).skipped_refits) == int(llqr_of(state).skipped_refits) + 1
+  assert int(llqr_of(after).skipped_updates) == int(llqr_of(state).skipped_updates) + 1
+  assert all_finite(params)
+
+
+@pytest.mark.parametrize("refit", [1, "yes", jnp.asarray(True)])
+def test_refit_must_be_a_python_bool(refit):
+  params = init_params(jax.random.key(0))
+  x, y = batch(0)
+  with pytest.raises(ValueError, match="refit=.*Python bool"):
+    MAIN_TX.update(grad_fn(params, x, y), MAIN_TX.init(params), params,
+                   apply_fn=lambda p: mlp(p, x), targets=y, refit=refit)
+
+
 def test_unexpected_extra_kwarg_is_ignored():
   params = init_params(jax.random.key(0))
   state = MAIN_TX.init(params)
