@@ -5,6 +5,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llqr_optax.structures import base
 from llqr_optax.structures.base import Structure
 
 
@@ -59,4 +60,4 @@ class Dense(Structure):
 
   @classmethod
   def apply(cls, state, g):
-    return (state.matrix @ g.reshape(-1)).reshape(g.shape)
+    return base.matmul(state.matrix, g.reshape(-1)).reshape(g.shape)

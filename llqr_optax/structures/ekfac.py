@@ -41,14 +41,14 @@ class EigenKroneckerState(NamedTuple):
 
 def _to_eigenbasis(q_in, q_out, g2):
   """``Q_Aᵀ G Q_G``; a vector basis stands for the identity."""
-  g2 = q_in.T @ g2 if q_in.ndim == 2 else g2
-  return g2 @ q_out if q_out.ndim == 2 else g2
+  g2 = base.matmul(q_in.T, g2) if q_in.ndim == 2 else g2
+  return base.matmul(g2, q_out) if q_out.ndim == 2 else g2
 
 
 def _from_eigenbasis(q_in, q_out, x):
   """``Q_A X Q_Gᵀ``; a vector basis stands for the identity."""
-  x = q_in @ x if q_in.ndim == 2 else x
-  return x @ q_out.T if q_out.ndim == 2 else x
+  x = base.matmul(q_in, x) if q_in.ndim == 2 else x
+  return base.matmul(x, q_out.T) if q_out.ndim == 2 else x
 
 
 class EigenKronecker(base.Structure):
@@ -101,7 +101,7 @@ class EigenKronecker(base.Structure):
     def side(cov, spec):
       if cov.ndim == 1:  # identity basis above max_dim: nothing to track
         return cov, cov
-      outer = jnp.einsum(spec, g2, g2)
+      outer = jnp.einsum(spec, g2, g2, precision=jax.lax.Precision.HIGHEST)
       cov = decay * cov + (1 - decay) * outer / jnp.maximum(jnp.trace(outer), 1e-30)
       return cov, jnp.linalg.eigh(cov)[1]
 
