@@ -323,5 +323,14 @@ def test_cost_benchmark_quick_mode_runs(tmp_path):
   for task in report["tasks"]:
     assert task["memory"]["diagonal"] == pytest.approx(1.0)
     assert task["overhead"]["ratio_mean"] > 0
+    assert task["overhead_static_refit"]["static_refit"] is True
+    assert task["overhead_static_refit"]["ratio_mean"] > 0
     assert task["compile_seconds"]["llqr+adam"] > 0
   assert report["refit_scaling"]
+  assert report["meta"]["command"].startswith("python benchmarks/cost.py --quick")
+
+  from benchmarks import results
+  md = results.main(["--in", str(tmp_path), "--md", str(tmp_path / "R.md")])
+  text = md.read_text()
+  assert "## Cost of llqr over Adam (`cost.json`" in text
+  assert report["tasks"][0]["task"] in text and "two steps" in text
