@@ -533,7 +533,9 @@ def scale_by_llqr(
     out = _precondition(state, updates)
     # Nothing that is not finite leaves llqr: a non-finite gradient, or a
     # non-finite U(g) (overflow, or a corrupted state), gives a zero update.
-    out_ok = grads_finite & _all_finite(out)
+    # Every structure is linear, so NaN or Inf in g propagates to U(g)
+    # (0 · Inf = NaN): checking U(g) alone covers both, one pass fewer.
+    out_ok = _all_finite(out)
     out = jax.tree.map(lambda u: jnp.where(out_ok, u, jnp.zeros_like(u)), out)
     state = state._replace(
         count=optax.safe_increment(state.count),

@@ -341,3 +341,16 @@ def test_matrix_products_ask_for_full_precision(name):
     assert dots, "no matrix product traced"
     assert all(e.params["precision"] == highest for e in dots), \
         [e.params["precision"] for e in dots]
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("name", list(structures.STRUCTURES))
+def test_non_finite_input_gives_non_finite_output(name, bad):
+  # llqr zeroes an update when U(g) is not finite, without checking g: every
+  # structure must carry NaN/Inf through, even where U is zero (0 · Inf = NaN).
+  shape = (5, 3)
+  g = jnp.ones(shape).at[2, 1].set(bad)
+  state = structures.init({"w": jnp.zeros(shape)}, name)["w"]
+  cls = structures.structure_of(state)
+  for s in (state, cls.scale(state, jnp.float32(0.0))):
+    assert not bool(jnp.all(jnp.isfinite(cls.apply(s, g))))
