@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo notebooks bench-cost bench-long bench-train clean
+.PHONY: test demo notebooks bench-cost bench-long bench-peers peers-env bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,37 @@ bench-cost: $(STAMP)
 bench-long: $(STAMP)
 	$(BIN)/python benchmarks/long_run.py
 
+# The peer environment: K-FAC (kfac-jax 0.0.8) and PSGD Kron (psgd-jax 0.2.9)
+# need an older stack (jax 0.8.2, optax 0.2.4, flax 0.10.7), pinned in
+# benchmarks/peers-requirements.txt and built in .venv-peers (git-ignored);
+# llqr-optax goes on top with --no-deps. Adam, llqr and the peers train in one
+# process there (benchmarks/peers.py adapts the peers to the harness), so the
+# time ratios over Adam compare like with like; then RESULTS.md is written
+# from the main env. `make bench-peers QUICK=1` is a smoke test (tiny tasks,
+# one rate, one seed; a minute or two, mostly compilation) whose JSON, plots
+# and RESULTS.md go to benchmarks/out/peers-quick/, leaving the real ones be.
+PEERS_VENV  := .venv-peers
+PEERS_BIN   := $(PEERS_VENV)/bin
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEER_OPTIMIZERS ?= adam,kfac,psgd_kron,llqr_diag+adam
+QUICK ?=
+PEERS_OUT   := benchmarks/out$(if $(QUICK),/peers-quick)
+
+$(PEERS_STAMP): benchmarks/peers-requirements.txt pyproject.toml
+	test -x $(PEERS_BIN)/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/python -m pip install -q --upgrade pip
+	$(PEERS_BIN)/python -m pip install -q -r benchmarks/peers-requirements.txt
+	$(PEERS_BIN)/python -m pip install -q --no-deps -e .
+	$(PEERS_BIN)/python benchmarks/peers.py --check
+	touch $(PEERS_STAMP)
+
+peers-env: $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP) $(STAMP)
+	$(PEERS_BIN)/python benchmarks/training.py --tag peers --out $(PEERS_OUT) \
+	  --optimizers $(PEER_OPTIMIZERS) $(if $(QUICK),--quick --lr-mults 1 --seeds 0)
+	$(BIN)/python benchmarks/results.py $(if $(QUICK),--in $(PEERS_OUT) --md $(PEERS_OUT)/RESULTS.md)
+
 # Training benchmark in the main env: three tasks (MNIST-1D MLP and ResNet,
 # char Transformer LM), optax's optimizers and llqr variants, learning-rate
 # grid on seed 0 then seeds 0-2; ~30-40 min on a 2-core CPU. Then RESULTS.md.
@@ -42,4 +73,4 @@ bench-train: $(STAMP)
 	$(BIN)/python benchmarks/results.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info
