@@ -100,8 +100,8 @@ OptState = Any
 DEFAULT_OPTIMIZERS = ("adam", "adamw", "sgd_momentum", "muon", "sophia",
                       "llqr_diag+adam", "llqr_kron+adam", "llqr_diag+sgd_momentum",
                       "llqr_fisher_diag+adam")
-# llqr's refits are expensive on CPU for the ResNet (≈4 s each on the shared
-# 2-core machine) and the Transformer (≈0.5–2 s): by default those tasks run
+# llqr's refits are expensive on CPU for the ResNet and the Transformer
+# (seconds each on the shared 2-core machine): by default those tasks run
 # fewer llqr variants, and llqr is not tuned there but takes its base
 # optimizer's base rate (the middle of the grid); ``--tune-all`` and an
 # explicit ``--optimizers`` lift this.
