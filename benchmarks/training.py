@@ -231,7 +231,7 @@ def builtin(name: str) -> Builtin:
 def builtin_step(task: tasks_lib.Task, opt: Builtin):
   """``(init, step)`` with ``step(params, state, x, y, key, lr)`` jitted once."""
 
-  def step(params, opt_state, x, y, key, lr):
+  def step(params, opt_state, x, y, key, lr, refit=None):
     del key  # llqr and Sophia carry their own PRNG state
     tx = opt.make(lr)
     apply_fn = lambda p: task.apply(p, x)
@@ -239,14 +239,28 @@ def builtin_step(task: tasks_lib.Task, opt: Builtin):
     loss, grads = jax.value_and_grad(loss_of)(params)
     extra = {}
     if opt.extra == "llqr":
-      extra = dict(apply_fn=apply_fn, targets=y)
+      extra = dict(apply_fn=apply_fn, targets=y, refit=refit)
     elif opt.extra == "obj_fn":
       extra = dict(obj_fn=loss_of)
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
   init = lambda params, key: opt.make(1.0).init(params)
-  return init, jax.jit(step)
+  if opt.extra != "llqr":
+    return init, jax.jit(step)
+  # llqr: two compiled steps, refit or not, picked on the host by llqr's
+  # schedule (no lax.cond: XLA:CPU runs convolutions in one many times slower,
+  # and GPUs sync on its predicate). The step count is read from the state,
+  # which the harness has waited for anyway.
+  import llqr_optax
+  jitted = jax.jit(step, static_argnames="refit")
+
+  def llqr_step(params, opt_state, x, y, key, lr):
+    count = int(llqr_optax.find_state(opt_state).count)
+    if count == 0:  # compile the ordinary step too, inside the first step's time
+      jax.block_until_ready(jitted(params, opt_state, x, y, key, lr, refit=False))
+    return jitted(params, opt_state, x, y, key, lr, refit=llqr_optax.refit_due(count))
+  return init, llqr_step
 
 
 class Optimizers:
