@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from flax import linen as nn  # noqa: E402
 
 import llqr_optax  # noqa: E402
 from benchmarks import datasets  # noqa: E402
+from benchmarks import provenance as provenance_lib  # noqa: E402
 
 LOSS = "softmax_cross_entropy"
 DEFAULT_REFIT_EVERY = inspect.signature(llqr_optax.scale_by_llqr).parameters[
@@ -92,14 +92,6 @@ def tasks(quick):
     out["mnist1d_mlp_40-512-512-10"] = MLP((512, 512))
     out["mnist1d_cnn_conv32x2"] = CNN()
   return out
-
-
-def _git_describe() -> str:
-  try:
-    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=_ROOT,
-                          capture_output=True, text=True, check=True).stdout.strip()
-  except Exception:  # noqa: BLE001 - not a git checkout
-    return "unknown"
 
 
 def nbytes(tree):
@@ -371,7 +363,8 @@ def main(argv=None):
   report["meta"] = dict(
       command=" ".join(["python", "benchmarks/cost.py", *(argv if argv is not None
                                                           else sys.argv[1:])]),
-      git=_git_describe(), jax=jax.__version__, optax=optax.__version__, backend=jax.default_backend(),
+      git=provenance_lib.git("describe", "--always", "--dirty"),
+      jax=jax.__version__, optax=optax.__version__, backend=jax.default_backend(),
       devices=str(jax.devices()), cpu_count=os.cpu_count(),
       python=platform.python_version(), quick=args.quick, repeats=repeats,
       wall_seconds=wall, adam_lr=1e-3,

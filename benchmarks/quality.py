@@ -44,13 +44,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,6 +69,7 @@ import llqr_optax  # noqa: E402
 from llqr_optax import exact, fitting, structures  # noqa: E402
 from llqr_optax.geometry import Geometry, curvature_product  # noqa: E402
 from benchmarks import datasets  # noqa: E402
+from benchmarks import provenance as provenance_lib  # noqa: E402
 
 LOSS = "softmax_cross_entropy"
 ALL_GEOMETRIES = ("ggn", "fisher", "newton", "renyi", "reverse_kl",
@@ -478,30 +477,9 @@ def adam_diag(state, layout: Layout, eps: float = 1e-8) -> np.ndarray:
   return 1.0 / (np.sqrt(v_hat) + eps)
 
 
-def _git(*args) -> str:
-  try:
-    return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except Exception:  # noqa: BLE001 - not a git checkout
-    return "unknown"
-
-
 def provenance() -> Dict[str, Any]:
-  """Commit, this script's state in it and hash, the CPU and the load."""
-  script = Path(__file__).resolve()
-  status = _git("status", "--porcelain", "--", str(script))
-  cpu = ""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return dict(git=_git("describe", "--always", "--dirty"),
-              script_git_status=status or "clean",
-              script_sha256=hashlib.sha256(script.read_bytes()).hexdigest(),
-              cpu_model=cpu or platform.processor())
+  """Commit, this script's state in it and hash, the CPU."""
+  return provenance_lib.of_script(__file__)
 
 
 def parse_args(argv):

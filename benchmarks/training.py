@@ -70,14 +70,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,6 +91,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import tasks as tasks_lib  # noqa: E402
+from benchmarks import provenance as provenance_lib  # noqa: E402
 
 Params = Any
 OptState = Any
@@ -615,36 +614,15 @@ def _dur(s: float) -> str:
 # Provenance, plots, CLI.
 
 
-def _git(*args) -> str:
-  try:
-    return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except Exception:  # noqa: BLE001 - not a git checkout
-    return "unknown"
-
-
 def provenance() -> Dict[str, Any]:
   """Commit, this script's state and hash, versions, CPU, load."""
-  script = Path(__file__).resolve()
-  cpu = ""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
   versions = {}
   for mod in ("flax", "llqr_optax"):
     try:
       versions[mod] = __import__(mod).__version__
     except Exception:  # noqa: BLE001
       versions[mod] = None
-  return dict(git=_git("describe", "--always", "--dirty"),
-              script_git_status=_git("status", "--porcelain", "--", str(script))
-              or "clean",
-              script_sha256=hashlib.sha256(script.read_bytes()).hexdigest(),
-              cpu_model=cpu or platform.processor(), cpu_count=os.cpu_count(),
+  return dict(**provenance_lib.of_script(__file__), cpu_count=os.cpu_count(),
               python=platform.python_version(), jax=jax.__version__,
               jaxlib=getattr(__import__("jaxlib"), "__version__", None),
               optax=optax.__version__, numpy=np.__version__, **versions,
