@@ -193,21 +193,44 @@ def test_nnx_llqr_adam_lowers_the_loss():
 
 
 # ----------------------------------------------------------------------------
-# The claim: preconditioning Adam's input with llqr trains faster.
+# What a diagonal U does before Adam (README, "Structures").
+#
+# An earlier claim test here ("llqr+Adam reaches a lower loss than Adam after
+# 1000 steps", one seed) was a coin flip: over seeds 0-4 the medians were
+# 0.092 (Adam) and 0.072 (llqr+Adam) with per-seed losses 0.003-0.17 for both
+# (benchmarks/sweep.py --steps 1000). This is why: Adam's step m / sqrt(v) does
+# not change when its input is rescaled coordinate by coordinate by a fixed
+# D > 0, so between refits llqr's diagonal only flips the sign where D < 0.
 
-COMPARE_STEPS = 1000
 
+def test_fixed_diagonal_before_adam_only_flips_signs():
+  d = _data()
+  model = MLP()
+  params = model.init(jax.random.PRNGKey(SEED), d["x_train"][:1])
+  llqr_tx = optax.chain(
+      llqr_optax.llqr(loss="softmax_cross_entropy", structure="diagonal"),
+      optax.adam(ADAM_LR, eps=1e-12))
+  adam_tx = optax.adam(ADAM_LR, eps=1e-12)
 
-def test_claim_llqr_adam_beats_adam_at_equal_steps():
-  """CLAIM: llqr+Adam reaches a lower full-train-set loss than Adam.
+  @functools.partial(jax.jit, static_argnames="refit")
+  def updates(params, llqr_state, adam_state, x, y, refit):
+    apply_fn = lambda p: model.apply(p, x)
+    grads = jax.grad(lambda p: _xent(apply_fn(p), y))(params)
+    u_llqr, llqr_state = llqr_tx.update(grads, llqr_state, params, apply_fn=apply_fn,
+                                        targets=y, refit=refit)
+    u_adam, adam_state = adam_tx.update(grads, adam_state, params)
+    return u_llqr, u_adam, llqr_state, adam_state
 
-  Same init, same batches (seeded), same Adam learning rate (``ADAM_LR``), llqr with
-  its default settings; compared after the same number of steps.
-  """
-  losses = {}
-  for name in ("adam", "llqr+adam"):
-    params, _, _ = _train_linen(name, COMPARE_STEPS)
-    losses[name] = float(_linen_train_loss(params))
-  print(f"full-train loss after {COMPARE_STEPS} steps: {losses}")
-  assert np.isfinite(losses["llqr+adam"])
-  assert losses["llqr+adam"] < losses["adam"], losses
+  llqr_state, adam_state = llqr_tx.init(params), adam_tx.init(params)
+  for t, idx in enumerate(_batches(20)):
+    # One refit at step 0 fits D; then D is held fixed (refit=False).
+    u_llqr, u_adam, llqr_state, adam_state = updates(
+        params, llqr_state, adam_state, d["x_train"][idx], d["y_train"][idx],
+        refit=t == 0)
+    params = optax.apply_updates(params, u_adam)  # one shared trajectory
+  preconditioner = llqr_optax.find_state(llqr_state).preconditioner
+  diags = jax.tree.map(lambda s: s.diag, preconditioner, is_leaf=lambda x: hasattr(x, "diag"))
+  assert not any(bool(jnp.all(v == 1.0)) for v in jax.tree.leaves(diags))  # D was fitted
+  jax.tree.map(lambda a, b, dd: np.testing.assert_allclose(a, jnp.sign(dd) * b, rtol=2e-3,
+                                                           atol=1e-7),
+               u_llqr, u_adam, diags)
