@@ -146,7 +146,7 @@ def _per_event_outer(loss: losses_lib.Loss, grads: Array, scale: float):
   def product(v):
     # A contraction (dot), not ``sum(grads * v, keepdims=True)``: XLA:CPU
     # miscompiled that reduce-then-broadcast under vmap for > 32768 elements
-    # (wrong products, no error), see tests/test_geometry.py.
+    # (wrong products, no error), see tests/test_geometry_compiled.py.
     dots = jnp.einsum("...k,...k->...", flat, v.reshape(batch_shape + (-1,)))
     return scale * grads * dots.reshape(batch_shape + (1,) * ndim)
   return product

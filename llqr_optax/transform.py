@@ -267,9 +267,10 @@ def refit_due(step: int, refit_every: int = _DEFAULT_REFIT_EVERY) -> bool:
   The schedule is steps 0, 1, 2, 4, 8, … below ``refit_every``, then every
   ``refit_every`` steps. ``update`` follows it by itself, inside a
   ``lax.cond``; a loop that compiles two steps instead (``refit=True`` and
-  ``refit=False``, see :func:`scale_by_llqr`) picks one with this. XLA:CPU
-  runs convolutions inside a conditional many times slower than outside one,
-  so conv nets on CPU train faster that way.
+  ``refit=False``, see :func:`scale_by_llqr`) picks one with this. That is
+  faster where conditionals are slow: GPUs wait for the predicate on the host
+  at every step, and XLA:CPU runs convolutions inside a conditional many times
+  slower than outside one.
 
   Args:
     step: the number of updates made so far (llqr's ``count``).
@@ -331,8 +332,8 @@ def scale_by_llqr(
   - ``refit=None`` (default) refits on the schedule, inside a ``lax.cond`` of
     the compiled step; a Python bool refits now (``True``) or not, with no
     conditional, for loops that compile two steps and pick one with
-    :func:`refit_due` (faster for conv nets on XLA:CPU, which runs
-    convolutions inside a conditional many times slower).
+    :func:`refit_due` (faster on GPUs, which sync on the conditional's
+    predicate, and for conv nets on XLA:CPU).
 
   Args:
     loss: ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"``,
@@ -525,11 +526,10 @@ def scale_by_llqr(
       due = jnp.asarray(True)
       refitted = do_refit(state)
       state = jax.tree.map(lambda n, o: jnp.where(grads_finite, n, o), refitted, state)
-    else:
-      due = jnp.asarray(False)
-    # A refit due on a non-finite gradient is skipped too, and counted.
-    state = state._replace(skipped_refits=state.skipped_refits
-                           + (due & ~grads_finite).astype(jnp.int32))
+    if refit is None or refit:
+      # A refit due on a non-finite gradient is skipped too, and counted.
+      state = state._replace(skipped_refits=state.skipped_refits
+                             + (due & ~grads_finite).astype(jnp.int32))
     out = _precondition(state, updates)
     # Nothing that is not finite leaves llqr: a non-finite gradient, or a
     # non-finite U(g) (overflow, or a corrupted state), gives a zero update.

@@ -181,6 +181,12 @@ def test_static_refit_on_a_nan_gradient_is_skipped(run):
   assert int(llqr_of(after).skipped_refits) == int(llqr_of(state).skipped_refits) + 1
   assert int(llqr_of(after).skipped_updates) == int(llqr_of(state).skipped_updates) + 1
   assert all_finite(params)
+  # Without a refit due, only the update is skipped.
+  params, after, updates = make_step(MAIN_TX, "static_nan_no_refit", refit=False)(
+      run["params"][3], state, bad, x, y)
+  assert int(llqr_of(after).skipped_refits) == int(llqr_of(state).skipped_refits)
+  assert int(llqr_of(after).skipped_updates) == int(llqr_of(state).skipped_updates) + 1
+  assert all(not bool(jnp.any(u)) for u in jax.tree.leaves(updates))
 
 
 @pytest.mark.parametrize("refit", [1, "yes", jnp.asarray(True)])
