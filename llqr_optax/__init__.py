@@ -8,13 +8,15 @@ The package is laid out as the method is:
   dense and conjugate-gradient solves;
 - :mod:`llqr_optax.structures`: structured inverse preconditioners per leaf;
 - :mod:`llqr_optax.fitting`: the LQR objective and its inner solvers;
-- :mod:`llqr_optax.transform`: the optax transform.
+- :mod:`llqr_optax.transform`: the optax transform;
+  :mod:`llqr_optax.compose`: ``U`` around another optimizer's update.
 """
 
 from llqr_optax import exact, fitting, losses, structures
 from llqr_optax.exact import cg_step, dense_step, exact_step
 from llqr_optax.geometry import (GEOMETRIES, Geometry, curvature_product,
                                  linearize, output_metric)
+from llqr_optax.compose import PreconditionBaseState, precondition_base
 from llqr_optax.losses import Loss
 from llqr_optax.structures import STRUCTURES
 from llqr_optax.transform import (LLQRState, find_state, llqr, precondition,
@@ -25,4 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GEOMETRIES", "Geometry", "LLQRState", "Loss", "STRUCTURES", "cg_step",
     "curvature_product", "dense_step", "exact", "exact_step", "find_state", "fitting", "linearize", "llqr", "losses",
-    "output_metric", "precondition", "refit_due", "scale_by_llqr", "structures"]
+    "output_metric", "precondition", "precondition_base", "PreconditionBaseState",
+    "refit_due", "scale_by_llqr", "structures"]

@@ -72,6 +72,9 @@ class LLQRState(NamedTuple):
       over the quadratic model's change, at the best-scaled preconditioned step
       on the refit batch (1 means the model is exact; it drives the damping
       when ``adapt_damping=True``).
+    curvature_scale: ``κ``, Hutchinson's estimate of ``tr(C)/P`` (the mean
+      eigenvalue of ``C``) at the last refit, ``nan`` before it; with
+      ``relative_damping=True`` the damping is ``λ = damping · κ``.
 
   Example:
     >>> import jax.numpy as jnp, optax, llqr_optax
@@ -96,6 +99,7 @@ class LLQRState(NamedTuple):
   objective: jax.Array
   output_scale: jax.Array
   reduction_ratio: jax.Array
+  curvature_scale: jax.Array
 
 
 def _is_masked(x) -> bool:
@@ -118,6 +122,10 @@ def _model_fn(apply_fn, params, full_params):
                         is_leaf=_is_masked)
     return apply_fn(full)
   return merged
+
+
+def _to_f32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -171,6 +179,7 @@ def scale_by_llqr(
     inner_solver: str = "cg",
     ema: float = 0.9,
     adapt_damping: bool = False,
+    relative_damping: bool = False,
     normalize: bool = False,
     max_dim: int = 1024,
     dense_max: int = 4096,
@@ -226,8 +235,13 @@ def scale_by_llqr(
     inner_solver: ``"cg"`` (conjugate gradients, exact line search) or
       ``"sgd"`` (momentum SGD, lr 1e-3, clip 5, as the paper's code).
     ema: ``β`` of the exponential average of fitted structures across refits.
-    adapt_damping: adapt ``λ`` from ``ρ̂`` (Levenberg-Marquardt: ×2/3 above
-      0.75, ×3/2 below 0.25).
+    adapt_damping: adapt ``damping`` from ``ρ̂`` (Levenberg-Marquardt: ×2/3
+      above 0.75, ×3/2 below 0.25).
+    relative_damping: ``damping`` is relative to the curvature's scale: at
+      each refit ``λ = damping · κ``, with ``κ`` Hutchinson's estimate of
+      ``tr(C)/P`` (the mean eigenvalue of ``C``, from four curvature products
+      that every refit makes for the ``curvature_scale`` diagnostic), so that
+      one value means the same across models and training.
     normalize: scale the output ``U(g)`` by one scalar per refit so that it
       has the size of ``g`` (``output_scale``). The next transform sets the
       step size anyway, and a steady scale keeps Adam's moment estimates valid
@@ -308,11 +322,13 @@ def scale_by_llqr(
         key=jax.random.PRNGKey(seed), damping=f32(damping), refits=i32(0),
         skipped_refits=i32(0), skipped_updates=i32(0),
         objective=f32(jnp.nan), output_scale=f32(1.0),
-        reduction_ratio=f32(jnp.nan))
+        reduction_ratio=f32(jnp.nan), curvature_scale=f32(jnp.nan))
 
   def update_fn(updates, state, params=None, *, apply_fn: Optional[Callable] = None,
                 targets: Any = None, full_params: Any = None,
-                refit: Optional[bool] = None, **extra_args):
+                refit: Optional[bool] = None,
+                inputs_fn: Optional[Callable[[PyTree], PyTree]] = None,
+                **extra_args):
     del extra_args
     if refit is not None and not isinstance(refit, (bool, np.bool_)):
       raise ValueError(
@@ -348,10 +364,17 @@ def scale_by_llqr(
       state = state._replace(damping=jnp.asarray(damping, jnp.float32))
 
     def do_refit(state):
-      key, sub = jax.random.split(state.key)
+      key, sub, probe_key = jax.random.split(state.key, 3)
       problem, _, loss0 = fitting.build_problem(
           model_fn, params, targets, loss=loss_obj, geometry=geometry_obj,
-          damping=state.damping, num_chunks=chunks, key=sub, axis_name=axis_name)
+          damping=0.0, num_chunks=chunks, key=sub, axis_name=axis_name)
+      if inputs_fn is not None:
+        problem = problem._replace(inputs=_to_f32(inputs_fn(problem.grads)))
+      # κ = tr(C)/P, four products: the damping's scale with
+      # relative_damping, a diagnostic (curvature_scale) otherwise.
+      kappa = fitting.curvature_scale(problem.curvature, params, probe_key)
+      lam = state.damping * (jnp.maximum(kappa, 1e-12) if relative_damping else 1.0)
+      problem = fitting.with_damping(problem, lam)
       # Refits that are not finite are never kept, so only a state from
       # outside (a corrupted checkpoint) can hold NaN or Inf: refit from the
       # identity then, as on the first refit.
@@ -369,13 +392,14 @@ def scale_by_llqr(
       ratio = (loss1 - loss0) / jnp.where(result.predicted < 0, result.predicted, -1.0)
       ratio = jnp.where(result.predicted < 0, ratio, jnp.nan).astype(jnp.float32)
       ok = (_all_finite(result.states) & jnp.isfinite(result.objective)
-            & _all_finite(problem.grads))
-      lam = state.damping
-      adapted = jnp.where(ratio > 0.75, lam * (2 / 3),
-                          jnp.where(ratio < 0.25, lam * 1.5, lam))
-      adapted = jnp.clip(jnp.where(jnp.isfinite(ratio), adapted, lam),
+            & _all_finite(problem.grads) & _all_finite(problem.samples)
+            & jnp.isfinite(kappa))
+      factor = state.damping
+      adapted = jnp.where(ratio > 0.75, factor * (2 / 3),
+                          jnp.where(ratio < 0.25, factor * 1.5, factor))
+      adapted = jnp.clip(jnp.where(jnp.isfinite(ratio), adapted, factor),
                          _MIN_DAMPING, _MAX_DAMPING)
-      new_damping = jnp.where(jnp.asarray(adapt_damping), adapted, lam)
+      new_damping = jnp.where(jnp.asarray(adapt_damping), adapted, factor)
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
       return state._replace(
           preconditioner=keep(result.states, state.preconditioner),
@@ -386,7 +410,8 @@ def scale_by_llqr(
           objective=keep(result.objective.astype(jnp.float32), state.objective),
           output_scale=keep(jnp.where(jnp.asarray(normalize), result.norm_ratio,
                                       1.0).astype(jnp.float32), state.output_scale),
-          reduction_ratio=keep(ratio, state.reduction_ratio))
+          reduction_ratio=keep(ratio, state.reduction_ratio),
+          curvature_scale=keep(kappa.astype(jnp.float32), state.curvature_scale))
 
     if refit is None:
       due = _refit_due(state.count, refit_every)

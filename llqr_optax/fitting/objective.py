@@ -4,14 +4,17 @@ For gradient samples :math:`g_c` and the damped curvature :math:`A = C + \\lambd
 
 .. math::
 
-   J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U g_c
-          + \\tfrac12 (U g_c)^\\top A\\, (U g_c) \\Big],
+   J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U x_c
+          + \\tfrac12 (U x_c)^\\top A\\, (U x_c) \\Big],
 
-the LQR cost of the open-loop policy :math:`\\delta\\theta = -U g` averaged
-over gradients. :math:`\\partial J / \\partial u_c = (A u_c - g_c)/n_c` at
-:math:`u_c = U g_c`: one curvature product per sample (a ``jvp`` forward, a
+the LQR cost of the open-loop policy :math:`\\delta\\theta = -U x` averaged
+over gradients, with :math:`x_c = g_c` (``U`` preconditions the gradient) or
+another optimizer's direction for :math:`g_c`.
+:math:`\\partial J / \\partial u_c = (A u_c - g_c)/n_c` at
+:math:`u_c = U x_c`: one curvature product per sample (a ``jvp`` forward, a
 ``vjp`` costate sweep), then the pullback through ``U`` by autodiff. Over
-unconstrained ``U`` the minimiser is :math:`A^{-1}` on the span of the samples.
+unconstrained ``U`` the minimiser maps every :math:`x_c` to :math:`A^{-1} g_c`
+(for :math:`x_c = g_c`: :math:`U = A^{-1}` on the span of the samples).
 
 The fitted parameters are one *block* of every leaf's state at a time (see
 :class:`~llqr_optax.structures.Structure`), in which ``U`` is linear, so ``J``
@@ -61,9 +64,38 @@ def merge_block(states: PyTree, k: int, block: PyTree) -> PyTree:
   return jax.tree.map(put, states, block, is_leaf=structures._is_state)
 
 
-def precondition_samples(states: PyTree, grads: PyTree) -> PyTree:
-  """``u_c = U g_c`` for every sample (leading chunk axis)."""
-  return jax.vmap(lambda g: structures.apply(states, g))(grads)
+def block_preconditioner(problem: Problem, states: PyTree, k: int,
+                         eps: float = 1e-3):
+  """An approximate inverse Hessian of ``J`` in block ``k``, leaf by leaf.
+
+  Each structure's :meth:`~llqr_optax.structures.Structure.fit_preconditioner`
+  inverts the Hessian of its block for ``A ≈ I``, which depends on the
+  samples' second moments only (regularised by ``eps`` relative to its mean
+  diagonal): the inner CG then sees a problem whose conditioning comes from
+  ``A``'s deviation from a multiple of ``I``, not from the spread of the
+  gradient samples.
+
+  Returns:
+    A function on block trees (as from :func:`split_block`).
+  """
+  treedef = jax.tree.structure(states, is_leaf=structures._is_state)
+  leaf_states = treedef.flatten_up_to(states)
+  leaf_samples = treedef.flatten_up_to(problem.samples)
+  fns = [structures.structure_of(s).fit_preconditioner(s, k, x, eps)
+         if k < len(structures.structure_of(s).blocks) else (lambda b: b)
+         for s, x in zip(leaf_states, leaf_samples)]
+
+  def apply(block):
+    parts = treedef.flatten_up_to(block)
+    out = [jax.tree.map(lambda o, i: o.astype(i.dtype), f(b), b)
+           for f, b in zip(fns, parts)]
+    return jax.tree.unflatten(treedef, out)
+  return apply
+
+
+def precondition_samples(states: PyTree, samples: PyTree) -> PyTree:
+  """``u_c = U x_c`` for every sample (leading chunk axis)."""
+  return jax.vmap(lambda x: structures.apply(states, x))(samples)
 
 
 def _num_samples(problem: Problem) -> int:
@@ -71,12 +103,12 @@ def _num_samples(problem: Problem) -> int:
 
 
 def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTree]:
-  """``J(U)`` with the samples ``u_c = U g_c`` and their products ``A u_c``.
+  """``J(U)`` with the samples ``u_c = U x_c`` and their products ``A u_c``.
 
   .. math::
 
      J(U) = \\frac{1}{n_c} \\sum_c u_c^\\top \\big(\\tfrac12 A u_c - g_c\\big),
-     \\qquad u_c = U g_c .
+     \\qquad u_c = U x_c .
 
   Args:
     problem: the gradient samples and ``v -> A v``.
@@ -94,7 +126,7 @@ def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTre
     >>> float(value), au["w"].tolist()  # (½·2·1 - 1 + ½·2·4 - 4) / 2
     (0.0, [[2.0, 0.0], [0.0, 4.0]])
   """
-  u = precondition_samples(states, problem.grads)
+  u = precondition_samples(states, problem.samples)
   au = jax.vmap(problem.matvec)(u)
   half = jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)
   return tree_vdot(u, half) / _num_samples(problem), u, au
@@ -105,11 +137,12 @@ def lqr_objective(problem: Problem, states: PyTree) -> jax.Array:
 
   .. math::
 
-     J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U g_c
-       + \\tfrac12 (U g_c)^\\top A\\, (U g_c) \\Big].
+     J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U x_c
+       + \\tfrac12 (U x_c)^\\top A\\, (U x_c) \\Big].
 
-  Over unconstrained ``U`` its minimiser is ``A⁻¹`` on the span of the
-  samples, with value ``−½ Σ_c g_cᵀA⁻¹g_c / n_c``.
+  Over unconstrained ``U`` its minimiser maps every ``x_c`` to ``A⁻¹g_c``,
+  with value ``−½ Σ_c g_cᵀA⁻¹g_c / n_c`` (for ``x_c = g_c``: ``U = A⁻¹`` on
+  the span of the samples).
 
   Args:
     problem: the gradient samples and ``v -> A v``.
@@ -171,7 +204,7 @@ def block_value_and_grad(problem: Problem, states: PyTree, k: int,
   """
   n = _num_samples(problem)
   u, pullback = jax.vjp(
-      lambda b: precondition_samples(merge_block(states, k, b), problem.grads), block)
+      lambda b: precondition_samples(merge_block(states, k, b), problem.samples), block)
   au = jax.vmap(problem.matvec)(u)
   value = tree_vdot(u, jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)) / n
   grad = pullback(jax.tree.map(lambda a, g: (a - g) / n, au, problem.grads))[0]
@@ -181,7 +214,7 @@ def block_value_and_grad(problem: Problem, states: PyTree, k: int,
 def block_hvp(problem: Problem, states: PyTree, k: int, direction: PyTree) -> PyTree:
   """``∇²J · direction`` in block ``k`` (``J`` is quadratic there)."""
   n = _num_samples(problem)
-  fn = lambda b: precondition_samples(merge_block(states, k, b), problem.grads)
+  fn = lambda b: precondition_samples(merge_block(states, k, b), problem.samples)
   # ``U g`` is affine, not linear, in block ``k`` when some leaves have no block
   # ``k`` (a diagonal bias next to a Kronecker kernel): only the linear part,
   # the ``jvp``, enters the Hessian product.

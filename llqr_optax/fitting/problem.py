@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
@@ -25,13 +26,21 @@ class Problem(NamedTuple):
 
   .. math::
 
-     J(U) = \\frac{1}{n_c} \\sum_{c=1}^{n_c} \\Big[ -g_c^\\top U g_c
-       + \\tfrac12 (U g_c)^\\top A\\, (U g_c) \\Big], \\qquad A = C + \\lambda I .
+     J(U) = \\frac{1}{n_c} \\sum_{c=1}^{n_c} \\Big[ -g_c^\\top U x_c
+       + \\tfrac12 (U x_c)^\\top A\\, (U x_c) \\Big], \\qquad A = C + \\lambda I,
+
+  the quadratic model of the step ``δ = −U x_c`` for the gradient ``g_c``.
+  ``U`` preconditions the gradient itself when ``x_c = g_c`` (the default),
+  or another optimizer's direction for that gradient
+  (:func:`~llqr_optax.precondition_base`).
 
   Attributes:
     grads: gradient samples ``g_c``, params-shaped float32 arrays with a
       leading chunk axis.
     matvec: ``v -> (C + λI) v`` on params-shaped float32 trees.
+    inputs: what ``U`` is applied to, ``x_c``, shaped like ``grads``; ``None``
+      means ``grads``.
+    curvature: the undamped ``v -> C v``, if known (see :func:`with_damping`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -51,6 +60,68 @@ class Problem(NamedTuple):
   """
   grads: PyTree
   matvec: Callable[[PyTree], PyTree]
+  inputs: Optional[PyTree] = None
+  curvature: Optional[Callable[[PyTree], PyTree]] = None
+
+  @property
+  def samples(self) -> PyTree:
+    """``x_c``: the inputs of ``U`` (the gradient samples by default)."""
+    return self.grads if self.inputs is None else self.inputs
+
+
+def with_damping(problem: Problem, damping: Any) -> Problem:
+  """``problem`` with the product ``v -> C v + λ v``, ``C`` its ``curvature``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from llqr_optax import fitting
+    >>> p = fitting.Problem({"w": jnp.ones((1, 2))}, None, curvature=lambda v: v)
+    >>> fitting.with_damping(p, 0.5).matvec({"w": jnp.ones(2)})["w"]
+    Array([1.5, 1.5], dtype=float32)
+  """
+  curvature = problem.curvature
+  matvec = lambda v: jax.tree.map(lambda cv, x: cv + damping * x, curvature(v), v)
+  return problem._replace(matvec=matvec)
+
+
+def curvature_scale(curvature: Callable[[PyTree], PyTree], like: PyTree,
+                    key: jax.Array, num_probes: int = 4) -> jax.Array:
+  """Hutchinson's estimate of ``tr(C) / P``, the mean eigenvalue of ``C``.
+
+  .. math::
+
+     \\frac{\\operatorname{tr} C}{P} \\approx \\frac{1}{kP} \\sum_{j=1}^{k} z_j^\\top C z_j,
+     \\qquad z_j \\in \\{-1, 1\\}^P \\text{ uniform},
+
+  unbiased, at ``k`` curvature products (vectorised).
+
+  Args:
+    curvature: ``v -> C v``, undamped, on params-shaped float32 trees.
+    like: a params-shaped tree (shapes only).
+    key: a PRNG key.
+    num_probes: ``k``.
+
+  Returns:
+    The estimate, a float32 scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from llqr_optax import fitting
+    >>> c = lambda v: {"w": jnp.array([1.0, 3.0]) * v["w"]}  # tr(C)/P = 2
+    >>> float(fitting.curvature_scale(c, {"w": jnp.zeros(2)}, jax.random.PRNGKey(0)))
+    2.0
+  """
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(key, len(leaves))
+  probes = jax.tree.unflatten(treedef, [
+      jax.random.rademacher(k, (num_probes,) + jnp.shape(x), jnp.float32)
+      for k, x in zip(keys, leaves)])
+  products = jax.vmap(curvature)(probes)
+  size = sum(int(np.prod(jnp.shape(x))) for x in leaves)
+  total = sum((jnp.sum(p * cp) for p, cp in zip(jax.tree.leaves(probes),
+                                               jax.tree.leaves(products))),
+              jnp.zeros((), jnp.float32))
+  return total / (num_probes * max(size, 1))
 
 
 def _slice_chunk(tree, c, size):
@@ -146,8 +217,9 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
       sharded; products and samples are averaged over it.
 
   Returns:
-    ``(problem, outputs, loss_value)``: the :class:`Problem`, the model's
-    outputs on the batch and the loss there.
+    ``(problem, outputs, loss_value)``: the :class:`Problem` (its
+    ``curvature`` the undamped product), the model's outputs on the batch and
+    the loss there.
 
   Example:
     >>> import jax.numpy as jnp
@@ -217,4 +289,4 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
   loss_value = loss.fn(outputs, targets)
   if axis_name is not None:
     loss_value = jax.lax.pmean(loss_value, axis_name)
-  return Problem(grads, matvec), outputs, loss_value
+  return Problem(grads, matvec, curvature=curvature), outputs, loss_value

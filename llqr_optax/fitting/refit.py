@@ -30,7 +30,7 @@ class RefitResult(NamedTuple):
     step: ``δ = −α* U ḡ``, the best-scaled preconditioned step for the mean
       sample ``ḡ`` under the quadratic model.
     predicted: the model's change at that step, ``−½ (ḡᵀUḡ)² / (Uḡ)ᵀA(Uḡ)``.
-    norm_ratio: ``(Σ_c ‖g_c‖² / Σ_c ‖U g_c‖²)^½``, the gain that gives ``U``'s
+    norm_ratio: ``(Σ_c ‖x_c‖² / Σ_c ‖U x_c‖²)^½``, the gain that gives ``U``'s
       outputs the size of its inputs on this refit's samples.
 
   Example:
@@ -104,8 +104,8 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   first = jnp.asarray(first)
   beta = jnp.where(first, 0.0, ema)
   new = jax.tree.map(
-      lambda g, s: structures.structure_of(s).update_statistics(s, g, beta),
-      problem.grads, states)
+      lambda x, s: structures.structure_of(s).update_statistics(s, x, beta),
+      problem.samples, states)
 
   def rescale(s):
     c = solvers.best_scale(problem, s)
@@ -125,6 +125,6 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   step = jax.tree.map(lambda x: -alpha * x, u_bar)
   predicted = -0.5 * alpha * gu
   uu = obj.tree_vdot(u, u)
-  norm_ratio = jnp.sqrt(obj.tree_vdot(problem.grads, problem.grads)
-                        / jnp.where(uu > 0, uu, 1.0))
+  xx = obj.tree_vdot(problem.samples, problem.samples)
+  norm_ratio = jnp.sqrt(xx / jnp.where(uu > 0, uu, 1.0))
   return RefitResult(new, value, step, predicted, norm_ratio)

@@ -18,7 +18,7 @@ from llqr_optax.fitting import objective as obj
 from llqr_optax.fitting.problem import Problem
 
 PyTree = Any
-SOLVERS = ("cg", "sgd")
+SOLVERS = ("cg", "pcg", "sgd")
 
 
 def _axpy(a, x, y):
@@ -41,7 +41,8 @@ def _unrolled(steps: int, body, carry):
   return carry
 
 
-def cg_block(problem: Problem, states: PyTree, k: int, steps: int) -> PyTree:
+def cg_block(problem: Problem, states: PyTree, k: int, steps: int,
+             preconditioned: bool = False) -> PyTree:
   """``steps`` conjugate-gradient steps on block ``k``, from ``states``.
 
   ``J`` is an exact quadratic in the block, so each step takes the exact line
@@ -77,21 +78,25 @@ def cg_block(problem: Problem, states: PyTree, k: int, steps: int) -> PyTree:
   block = obj.split_block(states, k)
   _, grad = obj.block_value_and_grad(problem, states, k, block)
   r = jax.tree.map(jnp.negative, grad)
+  precond = (obj.block_preconditioner(problem, states, k) if preconditioned
+             else (lambda b: b))
 
   def body(_, carry):
-    block, r, p, rr = carry
+    block, r, p, rz = carry
     hp = obj.block_hvp(problem, states, k, p)
     php = obj.tree_vdot(p, hp)
-    ok = (php > 0) & jnp.isfinite(php) & (rr > 0)
-    alpha = jnp.where(ok, obj.tree_vdot(r, p) / jnp.where(ok, php, 1.0), 0.0)
+    ok = (php > 0) & jnp.isfinite(php) & (rz > 0)
+    alpha = jnp.where(ok, rz / jnp.where(ok, php, 1.0), 0.0)
     block = _axpy(alpha, p, block)
     r = _axpy(-alpha, hp, r)
-    rr_new = obj.tree_vdot(r, r)
-    beta = jnp.where(ok, rr_new / jnp.where(ok, rr, 1.0), 0.0)
-    p = _axpy(beta, p, r)
-    return block, r, p, rr_new
+    z = precond(r)
+    rz_new = obj.tree_vdot(r, z)
+    beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1.0), 0.0)
+    p = _axpy(beta, p, z)
+    return block, r, p, rz_new
 
-  carry = (block, r, r, obj.tree_vdot(r, r))
+  z = precond(r)
+  carry = (block, r, z, obj.tree_vdot(r, z))
   block = _unrolled(steps, body, carry)[0]
   return obj.merge_block(states, k, block)
 
@@ -190,7 +195,9 @@ def fit(problem: Problem, states: PyTree, *, steps: int,
   """
   if solver not in SOLVERS:
     raise ValueError(f"inner_solver={solver!r} is unknown; choose one of {list(SOLVERS)}.")
-  block_fit = cg_block if solver == "cg" else sgd_block
   for k in range(obj.num_blocks(states)):
-    states = block_fit(problem, states, k, steps)
+    if solver == "sgd":
+      states = sgd_block(problem, states, k, steps)
+    else:
+      states = cg_block(problem, states, k, steps, preconditioned=solver == "pcg")
   return states

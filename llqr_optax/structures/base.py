@@ -122,9 +122,43 @@ class Structure:
     return state._replace(**{f: getattr(state, f) * s for f in cls.blocks[0]})
 
   @classmethod
+  def fit_preconditioner(cls, state: NamedTuple, k: int, samples: Array,
+                         eps: float) -> Any:
+    """An approximate inverse of ``∂²J/∂θ_k²``, to precondition the inner CG.
+
+    With ``A ≈ a I`` the Hessian of ``J`` in block ``k`` is ``a`` times the
+    Gauss-Newton matrix of ``θ_k ↦ U_θ x_c`` summed over the samples, which
+    depends on the samples' second moments only; its (regularised) inverse
+    makes the inner problem well conditioned whatever the spread of the
+    gradient samples. ``samples`` has a leading chunk axis.
+
+    Returns:
+      A function on the block's values (a tuple, as in ``blocks[k]``). The
+      default is the identity (plain CG).
+    """
+    del state, k, samples, eps
+    return lambda block: block
+
+  @classmethod
   def memory(cls, state: NamedTuple) -> int:
     """Number of float32 values the state holds."""
     return sum(x.size for x in jax.tree.leaves(state))
+
+
+def regularised_inverse(m: Array, eps: float) -> Array:
+  """``(M + ε·mean(diag M)·I)⁻¹`` for a symmetric positive semidefinite ``M``;
+  the identity where ``M`` vanishes."""
+  scale = jnp.mean(jnp.diagonal(m))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  eye = jnp.eye(m.shape[0], dtype=m.dtype)
+  return jnp.linalg.inv(m + eps * scale * eye)
+
+
+def regularised_reciprocal(h: Array, eps: float) -> Array:
+  """``1 / (h + ε·mean(h))`` for ``h ≥ 0``; ones where ``h`` vanishes."""
+  scale = jnp.mean(h)
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return 1.0 / (h + eps * scale)
 
 
 def side_matrix(dim: int, max_dim: int) -> Array:

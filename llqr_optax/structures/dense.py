@@ -61,3 +61,10 @@ class Dense(Structure):
   @classmethod
   def apply(cls, state, g):
     return base.matmul(state.matrix, g.reshape(-1)).reshape(g.shape)
+
+  @classmethod
+  def fit_preconditioner(cls, state, k, samples, eps):
+    """``∂²J/∂M² ≈ a · (E[x xᵀ] ⊗ I)``: ``δM ↦ δM E[x xᵀ]⁻¹``."""
+    x = samples.reshape(samples.shape[0], -1)
+    inv = base.regularised_inverse(base.matmul(x.T, x) / x.shape[0], eps)
+    return lambda block: (base.matmul(block[0], inv),)

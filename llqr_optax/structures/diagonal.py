@@ -5,6 +5,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llqr_optax.structures import base
 from llqr_optax.structures.base import Structure
 
 
@@ -56,3 +57,9 @@ class Diagonal(Structure):
   @classmethod
   def apply(cls, state, g):
     return state.diag * g
+
+  @classmethod
+  def fit_preconditioner(cls, state, k, samples, eps):
+    """``∂²J/∂D² ≈ a · diag(E[x²])``: divide by the samples' second moment."""
+    inv = base.regularised_reciprocal(jnp.mean(jnp.square(samples), axis=0), eps)
+    return lambda block: (block[0] * inv,)

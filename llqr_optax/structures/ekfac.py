@@ -95,6 +95,14 @@ class EigenKronecker(base.Structure):
     return _from_eigenbasis(state.basis_in, state.basis_out, x).reshape(g.shape)
 
   @classmethod
+  def fit_preconditioner(cls, state, k, samples, eps):
+    """``∂²J/∂S² ≈ a · diag(E[x̂²])``, ``x̂ = Q_Aᵀ X Q_G``: divide by it."""
+    x = samples.reshape((samples.shape[0],) + state.scale.shape)
+    xh = jax.vmap(lambda g: _to_eigenbasis(state.basis_in, state.basis_out, g))(x)
+    inv = base.regularised_reciprocal(jnp.mean(jnp.square(xh), axis=0), eps)
+    return lambda block: (block[0] * inv,)
+
+  @classmethod
   def update_statistics(cls, state, grads, decay):
     g2 = grads.reshape((grads.shape[0],) + state.scale.shape)
 

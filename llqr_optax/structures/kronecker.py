@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from llqr_optax.structures import base
 
@@ -65,3 +66,28 @@ class Kronecker(base.Structure):
     g2 = g.reshape(base.matrix_shape(g.shape))
     out = base.right_multiply(base.left_multiply(state.left, g2), state.right)
     return out.reshape(g.shape)
+
+  @classmethod
+  def fit_preconditioner(cls, state, k, samples, eps):
+    """With ``u = L X R``: ``∂²J/∂L² ≈ a · (E[XR (XR)ᵀ] ⊗ I)`` acts as
+    ``δL ↦ δL E[XR (XR)ᵀ]``, and ``∂²J/∂R² ≈ a · (I ⊗ E[(LX)ᵀ LX])`` as
+    ``δR ↦ E[(LX)ᵀ LX] δR``; both are inverted (diagonal factors: their
+    diagonals)."""
+    x = samples.reshape((samples.shape[0],) + base.matrix_shape(samples.shape[1:]))
+    if k == 0:
+      y = jax.vmap(lambda g: base.right_multiply(g, state.right))(x)  # X R
+      if state.left.ndim == 1:
+        inv = base.regularised_reciprocal(jnp.mean(jnp.sum(y * y, axis=2), axis=0), eps)
+        return lambda block: (block[0] * inv,)
+      inv = base.regularised_inverse(
+          jnp.einsum("cij,ckj->ik", y, y, precision=jax.lax.Precision.HIGHEST)
+          / y.shape[0], eps)
+      return lambda block: (base.matmul(block[0], inv),)
+    y = jax.vmap(lambda g: base.left_multiply(state.left, g))(x)  # L X
+    if state.right.ndim == 1:
+      inv = base.regularised_reciprocal(jnp.mean(jnp.sum(y * y, axis=1), axis=0), eps)
+      return lambda block: (block[0] * inv,)
+    inv = base.regularised_inverse(
+        jnp.einsum("cji,cjk->ik", y, y, precision=jax.lax.Precision.HIGHEST)
+        / y.shape[0], eps)
+    return lambda block: (base.matmul(inv, block[0]),)
