@@ -1,9 +1,12 @@
 """Training tasks for the optimizer benchmark: real data, offline, Flax linen.
 
-Three tasks, each a :class:`Task` bundling the model, its data, a
+Four tasks, each a :class:`Task` bundling the model, its data, a
 deterministic batch order per seed and a held-out evaluation:
 
 - ``mnist1d_mlp``: the demo's 40-100-100-10 relu MLP on MNIST-1D.
+- ``mnist1d_autoencoder``: a deep tanh autoencoder of the MNIST-1D signals
+  (40-100-50-25-8-25-50-100-40, squared error): the classic benchmark of
+  Hessian-free and K-FAC, where curvature is badly conditioned.
 - ``mnist1d_resnet``: a small 1-D convolutional ResNet (pre-activation
   residual blocks with LayerNorm, global average pooling) on MNIST-1D.
 - ``char_transformer``: a small causal character-level Transformer language
@@ -35,7 +38,7 @@ import functools
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # `python benchmarks/tasks.py` from anywhere
@@ -52,7 +55,8 @@ from benchmarks import datasets  # noqa: E402
 Params = Any
 Array = Any
 
-TASK_NAMES = ("mnist1d_mlp", "mnist1d_resnet", "char_transformer")
+TASK_NAMES = ("mnist1d_mlp", "mnist1d_autoencoder", "mnist1d_resnet",
+              "char_transformer")
 
 # Learning-rate families: every optimizer is tuned on its family's base rate
 # times the same multipliers (``training.py --lr-mults``, default 1/3, 1, 3).
@@ -68,11 +72,13 @@ class Task:
     description: model and data in words, for the results.
     model: the ``flax.linen`` module.
     init: ``key -> params`` (a plain pytree, ``{"params": ...}``).
-    apply: ``(params, x) -> logits``; for the language model ``(B, T, V)``.
+    apply: ``(params, x) -> outputs``: logits (for the language model
+      ``(B, T, V)``), or the reconstruction for the autoencoder.
     batches: ``(seed, steps) -> (xs, ys)`` numpy arrays with a leading step
       axis, the same for every optimizer given the seed.
     evaluate: ``(params, split="val") -> (loss, accuracy)`` on the held-out
-      split (``"val"``) or a fixed subset of the training data (``"train"``).
+      split (``"val"``) or a fixed subset of the training data (``"train"``);
+      ``accuracy`` is ``None`` for the autoencoder.
     batch_size: examples (sequences for the language model) per step.
     steps: the default number of training steps.
     target_loss: a smoothed training-loss target that Adam, at its best rate
@@ -80,6 +86,8 @@ class Task:
     base_lrs: each learning-rate family's base rate on this task.
     num_params: the number of parameters.
     info: extra facts (data sizes, corpus hash, …) for the results.
+    loss: the training loss as an llqr loss name (``"softmax_cross_entropy"``
+      with integer labels, or ``"squared_error"``).
   """
 
   name: str
@@ -95,15 +103,25 @@ class Task:
   base_lrs: Mapping[str, float]
   num_params: int
   info: Mapping[str, Any]
+  loss: str = "softmax_cross_entropy"
 
   def loss_fn(self, params: Params, x: Array, y: Array) -> Array:
-    """Mean softmax cross-entropy over examples (and tokens)."""
-    return cross_entropy(self.apply(params, x), y)
+    """The training loss of a batch (a mean over examples and tokens)."""
+    return LOSSES[self.loss](self.apply(params, x), y)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
   """Mean softmax cross-entropy with integer labels over all leading axes."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def squared_error(outputs: Array, targets: Array) -> Array:
+  """Half squared error averaged over all elements (llqr's ``"squared_error"``)."""
+  return 0.5 * jnp.mean(jnp.square(outputs - targets))
+
+
+#: The tasks' losses by llqr loss name: what llqr is told the loss is.
+LOSSES = {"softmax_cross_entropy": cross_entropy, "squared_error": squared_error}
 
 
 def count_params(params: Params) -> int:
@@ -115,15 +133,17 @@ def count_params(params: Params) -> int:
 
 
 class MLP(nn.Module):
-  """Dense relu layers of the given widths, then a linear head."""
+  """Dense layers of the given widths (relu or tanh), then a linear head."""
 
   widths: Tuple[int, ...] = (100, 100)
   classes: int = 10
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x):
+    act = {"relu": nn.relu, "tanh": jnp.tanh}[self.activation]
     for w in self.widths:
-      x = nn.relu(nn.Dense(w)(x))
+      x = act(nn.Dense(w)(x))
     return nn.Dense(self.classes, name="head")(x)
 
 
@@ -238,39 +258,47 @@ def epoch_batches(num_train: int, batch: int, steps: int, seed: int) -> np.ndarr
 
 
 def _evaluator(apply: Callable, splits: Dict[str, Tuple[np.ndarray, np.ndarray]],
-               chunk: int):
-  """``evaluate(params, split)``: mean loss and accuracy, in fixed-size chunks."""
+               chunk: int, loss: str = "softmax_cross_entropy"):
+  """``evaluate(params, split)``: mean loss and accuracy, in fixed-size chunks.
+
+  For ``loss="squared_error"`` the loss is the mean half squared error per
+  element and the accuracy ``None``.
+  """
+  classify = loss == "softmax_cross_entropy"
 
   @jax.jit
   def sums(params, x, y):
-    logits = apply(params, x)
-    per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return per.sum(), (jnp.argmax(logits, -1) == y).sum()
+    out = apply(params, x)
+    if not classify:
+      return 0.5 * jnp.sum(jnp.square(out - y)), jnp.zeros(())
+    per = optax.softmax_cross_entropy_with_integer_labels(out, y)
+    return per.sum(), (jnp.argmax(out, -1) == y).sum()
 
-  def evaluate(params, split: str = "val") -> Tuple[float, float]:
+  def evaluate(params, split: str = "val") -> Tuple[float, Optional[float]]:
     x, y = splits[split]
     n = x.shape[0]
-    loss = correct = 0.0
+    total = correct = 0.0
     for i in range(0, n - n % chunk, chunk):  # full chunks only: one shape
       l, c = sums(params, x[i:i + chunk], y[i:i + chunk])
-      loss, correct = loss + float(l), correct + float(c)
+      total, correct = total + float(l), correct + float(c)
     count = (n - n % chunk) * int(np.prod(y.shape[1:]))
-    return loss / count, correct / count
+    return total / count, (correct / count if classify else None)
 
   return evaluate
 
 
 def _make(name, description, model, sample_x, batches, splits, eval_chunk,
-          batch_size, steps, target_loss, base_lrs, info) -> Task:
+          batch_size, steps, target_loss, base_lrs, info,
+          loss: str = "softmax_cross_entropy") -> Task:
   init = lambda key: model.init(key, sample_x)
   apply = lambda params, x: model.apply(params, x)
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
   return Task(name=name, description=description, model=model, init=init,
               apply=apply, batches=batches,
-              evaluate=_evaluator(apply, splits, eval_chunk),
+              evaluate=_evaluator(apply, splits, eval_chunk, loss),
               batch_size=batch_size, steps=steps, target_loss=target_loss,
               base_lrs=dict(base_lrs), num_params=count_params(shapes),
-              info=dict(info))
+              info=dict(info), loss=loss)
 
 
 # --------------------------------------------------------------------------
@@ -282,9 +310,12 @@ def _mnist1d_arrays(quick: bool):
   return data["x_train"], data["y_train"], data["x_test"], data["y_test"]
 
 
-def _mnist1d_task(name, description, model, quick, steps, target_loss, base_lrs):
+def _mnist1d_task(name, description, model, quick, steps, target_loss, base_lrs,
+                  autoencoder: bool = False, batch: Optional[int] = None):
   x_tr, y_tr, x_val, y_val = _mnist1d_arrays(quick)
-  batch = 32 if quick else 128
+  if autoencoder:  # the signal is its own target
+    y_tr, y_val = x_tr, x_val
+  batch = batch or (32 if quick else 128)
 
   def batches(seed: int, steps: int):
     idx = epoch_batches(x_tr.shape[0], batch, steps, seed)
@@ -296,10 +327,11 @@ def _mnist1d_task(name, description, model, quick, steps, target_loss, base_lrs)
               train_examples=int(x_tr.shape[0]), val_examples=int(x_val.shape[0]))
   return _make(name, description, model, x_tr[:1], batches, splits,
                eval_chunk=200 if quick else 1000, batch_size=batch, steps=steps,
-               target_loss=target_loss, base_lrs=base_lrs, info=info)
+               target_loss=target_loss, base_lrs=base_lrs, info=info,
+               loss="squared_error" if autoencoder else "softmax_cross_entropy")
 
 
-def mnist1d_mlp(quick: bool = False) -> Task:
+def mnist1d_mlp(quick: bool = False, batch: Optional[int] = None) -> Task:
   """The demo's MLP (40-100-100-10, relu) on MNIST-1D, batch 128."""
   widths = (32,) if quick else (100, 100)
   return _mnist1d_task(
@@ -307,10 +339,29 @@ def mnist1d_mlp(quick: bool = False) -> Task:
       "MLP 40-" + "-".join(map(str, widths)) + "-10 (relu) on MNIST-1D",
       MLP(widths), quick, steps=40 if quick else 1500,
       target_loss=1.0 if quick else 0.35,
-      base_lrs={"adam": 1e-2, "sgd": 3e-2})
+      base_lrs={"adam": 1e-2, "sgd": 3e-2}, batch=batch)
 
 
-def mnist1d_resnet(quick: bool = False) -> Task:
+def mnist1d_autoencoder(quick: bool = False, batch: Optional[int] = None) -> Task:
+  """A deep tanh autoencoder of MNIST-1D's signals, squared error, batch 128.
+
+  40-100-50-25-8-25-50-100-40 (tanh, linear output): the shape of the classic
+  deep-autoencoder benchmark of Hessian-free optimisation and K-FAC, scaled
+  to MNIST-1D's 40 standardised inputs. The loss is half the mean squared
+  reconstruction error per element (0.5 for the zero reconstruction).
+  """
+  widths = (16, 4, 16) if quick else (100, 50, 25, 8, 25, 50, 100)
+  model = MLP(widths, classes=40, activation="tanh")
+  return _mnist1d_task(
+      "mnist1d_autoencoder",
+      "deep autoencoder 40-" + "-".join(map(str, widths)) + "-40 (tanh) of "
+      "MNIST-1D's signals, squared error",
+      model, quick, steps=40 if quick else 1500,
+      target_loss=0.45 if quick else 0.14,
+      base_lrs={"adam": 3e-3, "sgd": 3e-2}, autoencoder=True, batch=batch)
+
+
+def mnist1d_resnet(quick: bool = False, batch: Optional[int] = None) -> Task:
   """A 1-D conv ResNet on MNIST-1D: stem conv, residual blocks with
   LayerNorm, global mean pooling, dense head; batch 128."""
   channels, blocks = (8, 1) if quick else (16, 2)
@@ -322,7 +373,7 @@ def mnist1d_resnet(quick: bool = False) -> Task:
       f"global mean pool, dense {channels}->10",
       ResNet1D(channels, blocks), quick, steps=40 if quick else 500,
       target_loss=1.5 if quick else 0.5,
-      base_lrs={"adam": 1e-2, "sgd": 3e-2})
+      base_lrs={"adam": 1e-2, "sgd": 3e-2}, batch=batch)
 
 
 @functools.lru_cache(maxsize=1)
@@ -336,7 +387,7 @@ def python_docs_corpus() -> Tuple[str, str]:
   return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def char_transformer(quick: bool = False) -> Task:
+def char_transformer(quick: bool = False, batch: Optional[int] = None) -> Task:
   """A small causal character-level Transformer LM on the Python docs.
 
   Characters are mapped to ids by sorted vocabulary; the first 90% of the
@@ -353,7 +404,7 @@ def char_transformer(quick: bool = False) -> Task:
   if quick:
     context, d_model, heads, layers, batch = 16, 16, 2, 1, 8
   else:
-    context, d_model, heads, layers, batch = 32, 32, 4, 2, 32
+    context, d_model, heads, layers, batch = 32, 32, 4, 2, batch or 32
   model = CharTransformer(len(vocab), context, d_model, heads, layers)
 
   def windows(data: np.ndarray, starts: np.ndarray):
@@ -387,18 +438,20 @@ def char_transformer(quick: bool = False) -> Task:
       base_lrs={"adam": 1e-2, "sgd": 0.3}, info=info)
 
 
-_BUILDERS: Dict[str, Callable[[bool], Task]] = {
+_BUILDERS: Dict[str, Callable[..., Task]] = {
     "mnist1d_mlp": mnist1d_mlp,
+    "mnist1d_autoencoder": mnist1d_autoencoder,
     "mnist1d_resnet": mnist1d_resnet,
     "char_transformer": char_transformer,
 }
 
 
-def get_task(name: str, quick: bool = False) -> Task:
-  """The task called ``name`` (one of :data:`TASK_NAMES`)."""
+def get_task(name: str, quick: bool = False, batch: Optional[int] = None) -> Task:
+  """The task called ``name`` (one of :data:`TASK_NAMES`); ``batch`` overrides
+  its batch size (examples, or windows for the language model)."""
   if name not in _BUILDERS:
     raise ValueError(f"unknown task {name!r}; choose from {list(_BUILDERS)}")
-  return _BUILDERS[name](quick)
+  return _BUILDERS[name](quick, batch=batch)
 
 
 if __name__ == "__main__":  # a quick look at every task

@@ -139,11 +139,20 @@ class Unavailable(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Builtin:
-  """A built-in optimizer: ``make(lr)`` builds its optax transform."""
+  """A built-in optimizer: ``make(lr, loss)`` builds its optax transform.
+
+  ``loss`` is the task's loss as an llqr loss name (llqr and the exact step
+  need it). ``extra`` says what ``update`` needs besides the gradient:
+  ``"llqr"`` (``apply_fn`` and ``targets``), ``"obj_fn"`` (Sophia's loss) or
+  ``"exact"`` (the gradient is first replaced by the exact damped step's
+  preconditioned gradient, ``exact`` holding its options).
+  """
 
   family: str
-  make: Callable[[Any], optax.GradientTransformation]
-  extra: str = "none"  # "llqr": apply_fn and targets; "obj_fn": Sophia's loss
+  make: Callable[[Any, str], optax.GradientTransformation]
+  extra: str = "none"
+  exact: Optional[Dict[str, Any]] = None
+  options: Optional[Dict[str, Any]] = None
 
 
 def _muon_dims(params: Params):
@@ -162,6 +171,14 @@ def _muon_dims(params: Params):
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def _muon(lr):
+  muon = getattr(getattr(optax, "contrib", None), "muon", None)
+  if muon is None or not hasattr(optax.contrib, "MuonDimensionNumbers"):
+    raise Unavailable(f"optax {optax.__version__} has no optax.contrib.muon "
+                      "with MuonDimensionNumbers")
+  return muon(lr, consistent_rms=0.2, muon_weight_dimension_numbers=_muon_dims)
+
+
 def _base(name: str):
   """The base optimizer of a chain, with its family."""
   if name == "adam":
@@ -170,20 +187,61 @@ def _base(name: str):
     return "adam", lambda lr: optax.adamw(lr, weight_decay=1e-4)
   if name in ("sgd_momentum", "sgd"):
     return "sgd", lambda lr: optax.sgd(lr, momentum=0.9)
-  raise Unavailable(f"unknown base optimizer {name!r} (adam, adamw, sgd_momentum)")
+  if name == "muon":
+    _muon(1.0)  # Unavailable here if this optax has no Muon
+    return "adam", _muon
+  raise Unavailable(f"unknown base optimizer {name!r} (adam, adamw, "
+                    "sgd_momentum, muon)")
+
+
+def parse_options(text: str) -> Dict[str, Any]:
+  """``"damping=0.1,structure='kronecker'"`` → keyword arguments.
+
+  Values are Python literals; a bare word is a string
+  (``structure=kronecker``).
+  """
+  import ast
+  out: Dict[str, Any] = {}
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip().isidentifier():
+      raise Unavailable(f"option {item!r} is not key=value")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def split_options(name: str) -> Tuple[str, Dict[str, Any]]:
+  """``"llqr_kron[damping=0.1]+adam"`` → ``("llqr_kron+adam", {...})``."""
+  m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](\+[a-z_]+)?", name)
+  if not m:
+    return name, {}
+  head, opts, tail = m.groups()
+  return head + (tail or ""), parse_options(opts)
 
 
 def parse_llqr(name: str) -> Optional[Tuple[str, str, str]]:
-  """``llqr_<geometry>_<structure>+<base>`` → ``(geometry, structure, base)``.
+  """``llqr[_<geometry>][_<structure>][opts]+<base>`` → ``(geometry, structure,
+  base)``; options in brackets are read by :func:`split_options`.
 
-  The geometry may be left out (``ggn``); ``None`` if ``name`` is not llqr.
+  The geometry may be left out (``ggn``), and so may the structure (llqr's
+  default); ``None`` if ``name`` is not llqr.
   """
-  m = re.fullmatch(r"llqr_([a-z_]+)\+([a-z_]+)", name)
+  plain, _ = split_options(name)
+  m = re.fullmatch(r"llqr(_[a-z_]+)?\+([a-z_]+)", plain)
   if not m:
     return None
   body, base = m.groups()
+  body = (body or "")[1:]
   head, _, tail = body.rpartition("_")
+  if not body:
+    return "ggn", "", base
   structure = STRUCTURE_ALIASES.get(tail, tail)
+  import llqr_optax
+  if structure in llqr_optax.GEOMETRIES and not head:
+    return structure, "", base  # llqr_fisher+adam: a geometry, default structure
   geometry = head or "ggn"
   return geometry, structure, base
 
@@ -191,21 +249,30 @@ def parse_llqr(name: str) -> Optional[Tuple[str, str, str]]:
 def builtin(name: str) -> Builtin:
   """The built-in optimizer called ``name``; ``Unavailable`` if it cannot be
   built here, ``KeyError`` if the name is not a built-in."""
-  if name in ("adam", "adamw", "sgd_momentum"):
+  plain, opts = split_options(name)
+  if plain in ("adam", "adamw", "sgd_momentum") and not opts:
     family, make = _base(name)
-    return Builtin(family, make)
-  if name == "muon":
-    muon = getattr(getattr(optax, "contrib", None), "muon", None)
-    if muon is None or not hasattr(optax.contrib, "MuonDimensionNumbers"):
-      raise Unavailable(f"optax {optax.__version__} has no optax.contrib.muon "
-                        "with MuonDimensionNumbers")
-    return Builtin("adam", lambda lr: muon(
-        lr, consistent_rms=0.2, muon_weight_dimension_numbers=_muon_dims))
-  if name == "sophia":
+    return Builtin(family, lambda lr, loss: make(lr))
+  if plain == "muon" and not opts:
+    _muon(1.0)
+    return Builtin("adam", lambda lr, loss: _muon(lr))
+  if plain == "sophia" and not opts:
     sophia = getattr(getattr(optax, "contrib", None), "sophia", None)
     if sophia is None:
       raise Unavailable(f"optax {optax.__version__} has no optax.contrib.sophia")
-    return Builtin("adam", sophia, extra="obj_fn")
+    return Builtin("adam", lambda lr, loss: sophia(lr), extra="obj_fn")
+  m = re.fullmatch(r"exact_(ggn|fisher|newton)\+([a-z_]+)", plain)
+  if m:
+    geometry, base = m.groups()
+    family, make_base = _base(base)
+    exact = dict(geometry=geometry, damping=1e-2, iters=20)
+    unknown = set(opts) - set(exact)
+    if unknown:
+      raise Unavailable(f"{name}: unknown options {sorted(unknown)} "
+                        f"(exact takes {sorted(exact)})")
+    exact.update(opts)
+    return Builtin(family, lambda lr, loss: make_base(lr), extra="exact",
+                   exact=exact)
   parsed = parse_llqr(name)
   if parsed is None:
     raise KeyError(name)
@@ -217,14 +284,37 @@ def builtin(name: str) -> Builtin:
   if geometry not in llqr_optax.GEOMETRIES:
     raise Unavailable(f"{name}: unknown geometry {geometry!r}; choose from "
                       f"{list(llqr_optax.GEOMETRIES)}")
-  if structure != "auto" and structure not in llqr_optax.STRUCTURES:
+  if structure and structure != "auto" and structure not in llqr_optax.STRUCTURES:
     raise Unavailable(f"{name}: unknown structure {structure!r}; choose from "
                       f"{['auto', *STRUCTURE_ALIASES, *llqr_optax.STRUCTURES]}")
   family, make_base = _base(base)
-  pre = lambda: llqr_optax.llqr(loss="softmax_cross_entropy", geometry=geometry,
-                                structure=structure)
-  return Builtin(family, lambda lr: optax.chain(pre(), make_base(lr)),
-                 extra="llqr")
+  kwargs = dict(opts)
+  compose = kwargs.pop("compose", "before")
+  kwargs.setdefault("geometry", geometry)
+  if structure:
+    kwargs.setdefault("structure", structure)
+  if compose == "before":  # optax.chain(llqr(...), base): U(g) into the base
+    make = lambda lr, loss: optax.chain(llqr_optax.llqr(loss=loss, **kwargs),
+                                        make_base(lr))
+  elif compose == "around":  # U applied to the base's update
+    make = lambda lr, loss: llqr_optax.precondition_base(make_base(lr), loss=loss,
+                                                         **kwargs)
+  else:
+    raise Unavailable(f"{name}: compose={compose!r} is not 'before' or 'around'")
+  try:  # a bad option fails here, before any run
+    make(1.0, "softmax_cross_entropy")
+  except (TypeError, ValueError) as e:
+    raise Unavailable(f"{name}: {e}") from e
+  return Builtin(family, make, extra="llqr", options=kwargs)
+
+
+def exact_gradient(task: tasks_lib.Task, params, x, y, exact: Dict[str, Any]):
+  """``(C + λI)⁻¹ g`` by ``iters`` CG steps (the exact damped step, negated)."""
+  import llqr_optax
+  step = llqr_optax.cg_step(lambda p: task.apply(p, x), params, y, loss=task.loss,
+                            geometry=exact["geometry"], damping=exact["damping"],
+                            tol=1e-12, maxiter=int(exact["iters"]))
+  return jax.tree.map(jnp.negative, step)
 
 
 def builtin_step(task: tasks_lib.Task, opt: Builtin):
@@ -232,19 +322,21 @@ def builtin_step(task: tasks_lib.Task, opt: Builtin):
 
   def step(params, opt_state, x, y, key, lr, refit=None):
     del key  # llqr and Sophia carry their own PRNG state
-    tx = opt.make(lr)
+    tx = opt.make(lr, task.loss)
     apply_fn = lambda p: task.apply(p, x)
-    loss_of = lambda p: tasks_lib.cross_entropy(apply_fn(p), y)
+    loss_of = lambda p: task.loss_fn(p, x, y)
     loss, grads = jax.value_and_grad(loss_of)(params)
     extra = {}
     if opt.extra == "llqr":
       extra = dict(apply_fn=apply_fn, targets=y, refit=refit)
     elif opt.extra == "obj_fn":
       extra = dict(obj_fn=loss_of)
+    elif opt.extra == "exact":
+      grads = exact_gradient(task, params, x, y, opt.exact)
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  init = lambda params, key: opt.make(1.0).init(params)
+  init = lambda params, key: opt.make(1.0, task.loss).init(params)
   if opt.extra != "llqr":
     return init, jax.jit(step)
   # llqr: two compiled steps, refit or not, picked on the host by llqr's
@@ -253,13 +345,23 @@ def builtin_step(task: tasks_lib.Task, opt: Builtin):
   # which the harness has waited for anyway.
   import llqr_optax
   jitted = jax.jit(step, static_argnames="refit")
+  refit_every = _refit_every(opt)
 
   def llqr_step(params, opt_state, x, y, key, lr):
     count = int(llqr_optax.find_state(opt_state).count)
     if count == 0:  # compile the ordinary step too, inside the first step's time
       jax.block_until_ready(jitted(params, opt_state, x, y, key, lr, refit=False))
-    return jitted(params, opt_state, x, y, key, lr, refit=llqr_optax.refit_due(count))
+    return jitted(params, opt_state, x, y, key, lr,
+                  refit=llqr_optax.refit_due(count, refit_every))
   return init, llqr_step
+
+
+def _refit_every(opt: Builtin) -> int:
+  """The llqr transform's refit period (its ``refit_every`` argument)."""
+  import inspect
+  import llqr_optax
+  default = inspect.signature(llqr_optax.scale_by_llqr).parameters["refit_every"].default
+  return int((opt.options or {}).get("refit_every", default))
 
 
 class Optimizers:
@@ -481,23 +583,57 @@ def _key_loss(result: Dict[str, Any]) -> float:
   return v if v is not None and math.isfinite(v) else math.inf
 
 
+def expand_alternatives(name: str) -> List[str]:
+  """``"llqr[damping=0.1|1,ema=0.9]+adam"`` → one name per combination.
+
+  ``|`` separates the values of one option that the harness tunes, on the
+  first seed, together with the learning rate.
+  """
+  m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](\+[a-z_]+)?", name)
+  if not m or "|" not in m.group(2):
+    return [name]
+  head, opts, tail = m.groups()
+  items = []
+  depth, cur = 0, ""
+  for ch in opts:
+    if ch == "," and depth == 0:
+      items.append(cur)
+      cur = ""
+      continue
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    cur += ch
+  items.append(cur)
+  choices = []
+  for item in filter(None, (t.strip() for t in items)):
+    key, _, value = item.partition("=")
+    choices.append([f"{key}={v.strip()}" for v in value.split("|")])
+  import itertools
+  return [f"{head}[{','.join(c)}]{tail or ''}" for c in itertools.product(*choices)]
+
+
 def summarise(task: tasks_lib.Task, names: List[str], results: List[Dict[str, Any]],
-              seeds: Sequence[int], best: Dict[str, float]) -> List[Dict[str, Any]]:
-  """Per optimizer: the grid, the best rate and its metrics over seeds."""
+              seeds: Sequence[int], best: Dict[str, Tuple[str, float]],
+              edges: Optional[Dict[str, Dict[str, bool]]] = None) -> List[Dict[str, Any]]:
+  """Per optimizer: the grid, the best rate (and variant) and its metrics over
+  seeds."""
   rows = []
   stat = lambda v: None if not v else dict(median=float(np.median(v)),
                                            min=float(np.min(v)), max=float(np.max(v)))
   for name in names:
-    grid = [r for r in results if r["optimizer"] == name and r["phase"] == "grid"]
-    lr = best[name]
-    sel = [r for r in results if r["optimizer"] == name and r["lr"] == lr
+    variant, lr = best[name]
+    variants = expand_alternatives(name)
+    grid = [r for r in results if r["optimizer"] in variants and r["phase"] == "grid"]
+    sel = [r for r in results if r["optimizer"] == variant and r["lr"] == lr
            and r["seed"] in seeds and (r["phase"] == "seed" or r["seed"] == seeds[0])]
     sel.sort(key=lambda r: r["seed"])
     vals = lambda key: [r[key] for r in sel if r[key] is not None]
     hits = [r["steps_to_target"] for r in sel]
+    label = lambda r: (f"{r['lr']:g}" if len(variants) == 1
+                       else f"{r['optimizer']}@{r['lr']:g}")
     rows.append(dict(
-        task=task.name, optimizer=name, best_lr=lr,
-        grid={f"{r['lr']:g}": r["final_train_loss"] for r in grid},
+        task=task.name, optimizer=name, variant=variant, best_lr=lr,
+        grid={label(r): r["final_train_loss"] for r in grid},
+        **(edges or {}).get(name, {}),
         seeds=[r["seed"] for r in sel],
         final_train_loss=stat(vals("final_train_loss")),
         final_val_loss=stat(vals("final_val_loss")),
@@ -513,7 +649,7 @@ def summarise(task: tasks_lib.Task, names: List[str], results: List[Dict[str, An
         ratio_vs_adam_median=stat(vals("ratio_vs_adam_median")),
         ratio_vs_adam_mean=stat(vals("ratio_vs_adam_mean")),
         compile_seconds=max([r["first_step_seconds"] for r in results
-                             if r["optimizer"] == name
+                             if r["optimizer"] in variants
                              and r["first_step_seconds"] is not None] or [None]),
         nan_count=sum(r["nan_count"] for r in sel),
         errors=[r["error"] for r in sel if r["error"]]))
@@ -523,12 +659,19 @@ def summarise(task: tasks_lib.Task, names: List[str], results: List[Dict[str, An
 def run_task(task: tasks_lib.Task, names: List[str], opts: Optimizers,
              seeds: Sequence[int], mults: Sequence[float],
              lrs: Optional[Sequence[float]], block: int, clock: "Clock",
-             untuned: Sequence[str] = ()):
-  """The grid on the first seed, then the best rates on the others."""
+             untuned: Sequence[str] = (), max_extend: int = 3):
+  """The grid on the first seed, then the best rates on the others.
+
+  Each name may list alternatives (:func:`expand_alternatives`), tuned with
+  the rate. When the best rate of a variant lies at an edge of the rates
+  tried, the grid is extended by a factor 3 beyond it, up to ``max_extend``
+  times, until it does not (``lr_at_edge`` says if it still does).
+  """
   steps = task.steps
   results: List[Dict[str, Any]] = []
-  grids = {n: lr_grid(task, opts.family(n), mults, lrs, n not in untuned)
-           for n in names}
+  variants = {n: expand_alternatives(n) for n in names}
+  grids = {v: lr_grid(task, opts.family(v), mults, lrs, n not in untuned)
+           for n in names for v in variants[n]}
 
   def group(seed, phase, pairs):
     runs = [Run(task.name, n, lr, seed, phase, opts.runner(task, n, lr))
@@ -544,17 +687,43 @@ def run_task(task: tasks_lib.Task, names: List[str], opts: Optimizers,
     results.extend(out)
     return out
 
-  grid_results = group(seeds[0], "grid", [(n, lr) for n in names for lr in grids[n]])
-  best = {}
+  grid_results = group(seeds[0], "grid", [(v, lr) for v in grids for lr in grids[v]])
+  tunable = [v for n in names if n not in untuned and not lrs for v in variants[n]]
+  for _ in range(max_extend):
+    more = []
+    for v in tunable:
+      mine = [r for r in grid_results if r["optimizer"] == v]
+      tried = sorted({r["lr"] for r in mine})
+      best_lr = min(mine, key=_key_loss)["lr"]
+      if not math.isfinite(_key_loss(min(mine, key=_key_loss))) or len(tried) < 2:
+        continue
+      if best_lr == tried[0]:
+        more.append((v, float(f"{best_lr / 3:.6g}")))
+      elif best_lr == tried[-1]:
+        more.append((v, float(f"{best_lr * 3:.6g}")))
+    if not more:
+      break
+    print(f"  {task.name}: best rate at the grid's edge, extending: "
+          + ", ".join(f"{v}@{lr:g}" for v, lr in more), flush=True)
+    for v, lr in more:
+      grids[v] = sorted(grids[v] + [lr])
+    grid_results += group(seeds[0], "grid", more)
+  best, edges = {}, {}
   for n in names:
-    mine = [r for r in grid_results if r["optimizer"] == n]
-    best[n] = min(mine, key=_key_loss)["lr"]
-    print(f"  {task.name} {n}: best rate {best[n]:g} of "
-          + ", ".join(f"{r['lr']:g} ({_fmt(r['final_train_loss'])})" for r in mine),
+    mine = [r for r in grid_results if r["optimizer"] in variants[n]]
+    top = min(mine, key=_key_loss)
+    best[n] = (top["optimizer"], top["lr"])
+    tried = sorted({r["lr"] for r in mine if r["optimizer"] == top["optimizer"]})
+    edges[n] = dict(lr_at_edge=bool(len(tried) > 1 and top["lr"] in (tried[0], tried[-1])),
+                    variant_at_edge=bool(len(variants[n]) > 2 and top["optimizer"]
+                                         in (variants[n][0], variants[n][-1])))
+    print(f"  {task.name} {n}: best {top['optimizer']} at rate {top['lr']:g} of "
+          + ", ".join(f"{r['optimizer'] if len(variants[n]) > 1 else ''}@{r['lr']:g} "
+                      f"({_fmt(r['final_train_loss'])})" for r in mine),
           flush=True)
   for seed in seeds[1:]:
-    group(seed, "seed", [(n, best[n]) for n in names])
-  return results, summarise(task, names, results, list(seeds), best), grids
+    group(seed, "seed", [best[n] for n in names])
+  return results, summarise(task, names, results, list(seeds), best, edges), grids
 
 
 def _fmt(v, digits=4) -> str:
@@ -641,7 +810,7 @@ def plot(task: Dict[str, Any], rows: List[Dict[str, Any]],
 
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
   for i, row in enumerate(rows):
-    sel = [r for r in runs if r["optimizer"] == row["optimizer"]
+    sel = [r for r in runs if r["optimizer"] == row.get("variant", row["optimizer"])
            and r["lr"] == row["best_lr"] and r["seed"] in row["seeds"]
            and (r["phase"] == "seed" or r["seed"] == row["seeds"][0])]
     if not sel:
@@ -688,6 +857,19 @@ class _quiet:
     return self._w.__exit__(*a)
 
 
+def split_names(text: str) -> List[str]:
+  """Optimizer names separated by commas outside brackets (options inside)."""
+  names, depth, cur = [], 0, ""
+  for ch in text:
+    depth += {"[": 1, "]": -1}.get(ch, 0)
+    if ch == "," and depth == 0:
+      names.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  return [n.strip() for n in names + [cur] if n.strip()]
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -723,7 +905,7 @@ def parse_args(argv):
   # "a,b c" and "a b c" both list optimizers (the Makefile passes commas).
   args.explicit_optimizers = args.optimizers is not None
   args.optimizers = [n for a in (args.optimizers or DEFAULT_OPTIMIZERS)
-                     for n in a.split(",") if n]
+                     for n in split_names(a)]
   args.lr_mults = args.lr_mults or ([0.3, 1.0] if args.quick else list(LR_MULTS))
   args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
   if args.steps is not None and args.steps < 2:
@@ -749,7 +931,8 @@ def main(argv=None) -> Dict[str, Any]:
     task_objs.append(task)
   for n in args.optimizers:
     try:
-      opts.family(n)
+      for v in expand_alternatives(n):
+        opts.family(v)
       if n not in names:
         names[n] = True
     except Unavailable as e:
@@ -759,9 +942,10 @@ def main(argv=None) -> Dict[str, Any]:
   if not names:
     raise SystemExit("no optimizer can run here")
   nrates = len(args.lrs) if args.lrs else len(args.lr_mults)
-  work = sum(t.steps * len([n for n in names if args.explicit_optimizers or args.quick
-                             or n in TASK_OPTIMIZERS.get(t.name, names)])
-             * (nrates + len(args.seeds) - 1) for t in task_objs)
+  work = sum(t.steps * sum(len(expand_alternatives(n)) * nrates + len(args.seeds) - 1
+                           for n in names if args.explicit_optimizers or args.quick
+                           or n in TASK_OPTIMIZERS.get(t.name, names))
+             for t in task_objs)
   clock = Clock(work)
 
   all_runs, summary, task_info, grids, pngs = [], [], [], {}, []
