@@ -123,7 +123,7 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
                      f"tx.init(params). {fix}")
   typed = jax.tree.leaves(state.preconditioner, is_leaf=structures._is_state)
   if not all(structures._is_state(s) for s in typed):
-    restored = structures.restore_types(state.preconditioner, params)
+    restored = structures.restore_types(state.preconditioner, _unwrapped(params))
     if restored is not None:
       state = state._replace(preconditioner=restored)
   static = _is_concrete(max_dim) and _is_concrete(dense_max)
