@@ -93,6 +93,22 @@ def _unwrapped(tree):
   return jax.tree.map(lambda x: jax.tree.leaves(x)[0], tree, is_leaf=_is_wrapper)
 
 
+def _structure_for(structure, params):
+  """``structure`` for the unwrapped params (:func:`_unwrapped`).
+
+  A pytree of names made from wrapped params (``jax.tree.map(lambda x:
+  "kronecker", params)`` over ``nnx.split``'s params puts each name in an
+  ``nnx`` Variable) is given the structure of the unwrapped params; names and
+  callables are returned as they are.
+  """
+  if isinstance(structure, str) or callable(structure):
+    return structure
+  bare = jax.tree.structure(_unwrapped(params))
+  if jax.tree.structure(structure) == jax.tree.structure(params) != bare:
+    return jax.tree.unflatten(bare, jax.tree.leaves(structure))
+  return structure
+
+
 def _param_shapes(params):
   """``params`` (unwrapped) as float32 ``ShapeDtypeStruct``s, one per leaf."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32),
@@ -128,6 +144,7 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
       state = state._replace(preconditioner=restored)
   static = _is_concrete(max_dim) and _is_concrete(dense_max)
   shapes_of = _param_shapes(params)
+  structure = _structure_for(structure, params)
   if static:
     expected = jax.eval_shape(lambda p: structures.init(
         p, structure, max_dim=int(max_dim), dense_max=int(dense_max)), shapes_of)

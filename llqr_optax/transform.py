@@ -25,7 +25,7 @@ from llqr_optax import structures
 from llqr_optax._validation import (_check_axis_name, _check_like_params,
                                     _check_number, _check_params, _check_state,
                                     _is_concrete, _param_shapes, _static_int,
-                                    _unwrapped)
+                                    _structure_for, _unwrapped)
 
 PyTree = Any
 
@@ -340,7 +340,8 @@ def scale_by_llqr(
     dm = _static_int("dense_max", dense_max, 1)
     # From the shapes: a leaf wrapped in a pytree node (an nnx Variable) gets
     # its structure state in a plain container, not inside the wrapper.
-    precond = structures.init(_param_shapes(params), structure, max_dim=md,
+    precond = structures.init(_param_shapes(params),
+                              _structure_for(structure, params), max_dim=md,
                               dense_max=dm)
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     i32 = lambda v: jnp.asarray(v, jnp.int32)

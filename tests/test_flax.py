@@ -257,6 +257,26 @@ def test_nnx_optimizer_eager():
   assert logs["count"] == 3 and logs["refits"] == 3  # steps 0, 1, 2
 
 
+def test_nnx_params_with_variables_and_a_structure_pytree():
+  """nnx.split's params hold nnx Variables; so does a structure pytree made
+  from them with jax.tree.map. llqr works on the bare arrays: the state holds
+  no Variable, and U(g) comes back in the Variables."""
+  graphdef, params = nnx.split(NnxMLP(nnx.Rngs(SEED)), nnx.Param)
+  spec = jax.tree.map(lambda x: "kronecker" if x.ndim == 2 else "diagonal", params)
+  tx = llqr_optax.llqr(loss="softmax_cross_entropy", structure=spec)
+  state = tx.init(params)
+  kinds = jax.tree.leaves(jax.tree.map(
+      lambda s: type(s).__name__, state.preconditioner,
+      is_leaf=llqr_optax.structures._is_state))
+  assert sorted(set(kinds)) == ["DiagonalState", "KroneckerState"]
+  x, y = _data()["x_train"][:BATCH], _data()["y_train"][:BATCH]
+  grads = jax.tree.map(jnp.zeros_like, params)
+  out, new = jax.eval_shape(lambda s: tx.update(
+      grads, s, params, apply_fn=lambda p: nnx.merge(graphdef, p)(x), targets=y), state)
+  assert jax.tree.structure(out) == jax.tree.structure(params)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+
+
 def test_linen_apply_fn_without_inputs_says_how_to_close_over_them():
   d = _data()
   model = MLP()
