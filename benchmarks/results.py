@@ -97,6 +97,8 @@ def demo_command(meta) -> str:
                     ("--adam-lr", "adam_lr"), ("--sgd-lr", "sgd_lr")):
     if key in meta:
       args += [flag, str(meta[key])]
+  if "seeds" in meta:  # the demo over several seeds (--seed was one)
+    args[4:4] = ["--seeds"] + [str(x) for x in meta["seeds"]]
   return join(args)
 
 
@@ -324,6 +326,16 @@ def quality_section(q, md: Path, plots: List[Path]) -> List[str]:
 # Demo and sweep.
 
 
+def spread(values: Sequence[float], digits: int = 4, scale: float = 1.0,
+           suffix: str = "") -> str:
+  """``median [min–max]`` of numbers, as text."""
+  v = sorted(scale * x for x in values)
+  mid = len(v) // 2
+  median = v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
+  f = lambda x: f"{fmt(float(x), digits)}{suffix}"
+  return f"{f(median)} [{f(v[0])}–{f(v[-1])}]"
+
+
 def demo_section(d, md: Path, plots: List[Path]) -> List[str]:
   meta = d["meta"]
   out = ["## Training demo (MNIST-1D)", "",
@@ -331,6 +343,32 @@ def demo_section(d, md: Path, plots: List[Path]) -> List[str]:
          f"`{demo_command(meta)}`; task `{meta.get('task', '?')}`, batch "
          f"{meta.get('batch_size', '?')}, wall time "
          f"{fmt(meta.get('wall_seconds'), 0)} s. Timing: {meta.get('timing', '–')}.", ""]
+  if "seeds" in meta:  # several seeds: medians [min–max] and every seed's loss
+    seeds = meta["seeds"]
+    out += [f"Per optimizer, median [min–max] over seeds {', '.join(map(str, seeds))}; "
+            "the final full-train-set loss of every seed.", ""]
+    body = [[r["optimizer"], spread(r["final_train_loss"])]
+            + [fmt(x, 4) for x in r["final_train_loss"]]
+            + [spread(r["test_accuracy"], 1, 100, "%"), spread(r["ms_per_step_median"], 2),
+               spread(r["ms_per_step_mean"], 2), spread(r["ratio_vs_adam_median"], 2),
+               spread(r["ratio_vs_adam_mean"], 2),
+               "–" if "refits" not in r else "/".join(map(str, r["refits"])),
+               r.get("skipped_refits", "–"), r.get("skipped_updates", "–")]
+            for r in d["rows"]]
+    out += [table(["optimizer", "final train loss"] + [f"seed {x}" for x in seeds]
+                  + ["test accuracy", "ms/step median", "ms/step mean",
+                     "× Adam (median)", "× Adam (mean)", "refits per seed",
+                     "skipped refits", "skipped updates"], body), ""]
+    diag = [[f"`{r['optimizer']}`", len(r["at_refits"]["objective"]),
+             spread(r["at_refits"]["objective"], 3),
+             spread(r["at_refits"]["reduction_ratio"], 2)]
+            for r in d["rows"] if "at_refits" in r]
+    if diag:
+      out += ["llqr's diagnostics after every refit, all seeds, median [min–max]:", "",
+              table(["optimizer", "refits", "objective", "reduction ratio"], diag), ""]
+    for p in plots:
+      out += [link(md, p, "training loss per step: median and range over seeds"), ""]
+    return out
   body = [[r["optimizer"], fmt(r["final_train_loss"], 4),
            f"{fmt(100 * r['test_accuracy'], 1)}%", fmt(r["ms_per_step_median"], 2),
            fmt(r["ms_per_step_mean"], 2), fmt(r["ratio_vs_adam_median"], 2),

@@ -19,13 +19,15 @@ from llqr_optax.geometry import (GEOMETRIES, Geometry, curvature_product,
 from llqr_optax.compose import PreconditionBaseState, precondition_base
 from llqr_optax.losses import Loss
 from llqr_optax.structures import STRUCTURES
-from llqr_optax.transform import (LLQRState, find_state, llqr, precondition,
-                                  refit_due, scale_by_llqr)
+from llqr_optax.transform import (DIAGNOSTICS, LLQRState, diagnostics,
+                                  find_state, llqr, precondition, refit_due,
+                                  scale_by_llqr)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GEOMETRIES", "Geometry", "LLQRState", "Loss", "STRUCTURES", "cg_step",
-    "curvature_product", "dense_step", "exact", "exact_step", "find_state", "fitting", "linearize", "llqr", "losses",
-    "output_metric", "precondition", "precondition_base", "PreconditionBaseState",
-    "refit_due", "scale_by_llqr", "structures"]
+    "DIAGNOSTICS", "GEOMETRIES", "Geometry", "LLQRState", "Loss",
+    "PreconditionBaseState", "STRUCTURES", "cg_step", "curvature_product",
+    "dense_step", "diagnostics", "exact", "exact_step", "find_state", "fitting",
+    "linearize", "llqr", "losses", "output_metric", "precondition",
+    "precondition_base", "refit_due", "scale_by_llqr", "structures"]

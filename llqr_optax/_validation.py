@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from llqr_optax import structures
@@ -71,6 +72,49 @@ def _check_like_params(what, tree, params, fix):
           f"{what} leaf {_where(path)} has dtype {dtype}, not a float. {fix}")
 
 
+def _is_wrapper(x) -> bool:
+  """An array-like pytree node holding one array: a ``flax.nnx.Variable``."""
+  return (hasattr(x, "shape") and hasattr(x, "dtype")
+          and not isinstance(x, (jax.Array, np.ndarray))
+          and len(jax.tree.leaves(x)) == 1)
+
+
+def _unwrapped(tree):
+  """``tree`` with every wrapper node (:func:`_is_wrapper`) replaced by its array.
+
+  ``nnx.split(model, nnx.Param)`` and ``nnx.state(model)`` (what
+  ``nnx.Optimizer`` passes to ``tx.init``) hold each array in an ``nnx``
+  Variable. llqr works on the bare arrays: its structure states then sit in
+  plain containers, never inside a Variable, and keep their types when
+  ``nnx.Optimizer`` stores the state and writes it back. The leaves keep their
+  order, so ``jax.tree.unflatten(jax.tree.structure(tree), leaves)`` wraps
+  them again.
+  """
+  return jax.tree.map(lambda x: jax.tree.leaves(x)[0], tree, is_leaf=_is_wrapper)
+
+
+def _structure_for(structure, params):
+  """``structure`` for the unwrapped params (:func:`_unwrapped`).
+
+  A pytree of names made from wrapped params (``jax.tree.map(lambda x:
+  "kronecker", params)`` over ``nnx.split``'s params puts each name in an
+  ``nnx`` Variable) is given the structure of the unwrapped params; names and
+  callables are returned as they are.
+  """
+  if isinstance(structure, str) or callable(structure):
+    return structure
+  bare = jax.tree.structure(_unwrapped(params))
+  if jax.tree.structure(structure) == jax.tree.structure(params) != bare:
+    return jax.tree.unflatten(bare, jax.tree.leaves(structure))
+  return structure
+
+
+def _param_shapes(params):
+  """``params`` (unwrapped) as float32 ``ShapeDtypeStruct``s, one per leaf."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32),
+                      _unwrapped(params))
+
+
 def _check_state(state, params, structure, max_dim, dense_max, state_type):
   """The preconditioner in ``state`` must be the one this configuration makes.
 
@@ -79,6 +123,13 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
   ``max_dim``/``dense_max`` traced (``optax.inject_hyperparams``) the sides
   that fall back are unknown: structures and leaves are checked, and shapes by
   tracing ``U(params)``.
+
+  Per-leaf states that a container turned into mappings of their fields
+  (``flax.nnx.Optimizer`` stores its state as ``nnx.State``) are rebuilt
+  first (:func:`~llqr_optax.structures.restore_types`), then checked.
+
+  Returns:
+    ``state``, with its per-leaf structure states typed.
   """
   fix = ("The state was made for other params or another structure/max_dim/"
          "dense_max: call tx.init(params) again, or restore the checkpoint "
@@ -86,9 +137,14 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
   if not isinstance(state, state_type):
     raise ValueError(f"state is a {type(state).__name__}, not the LLQRState of "
                      f"tx.init(params). {fix}")
+  typed = jax.tree.leaves(state.preconditioner, is_leaf=structures._is_state)
+  if not all(structures._is_state(s) for s in typed):
+    restored = structures.restore_types(state.preconditioner, _unwrapped(params))
+    if restored is not None:
+      state = state._replace(preconditioner=restored)
   static = _is_concrete(max_dim) and _is_concrete(dense_max)
-  shapes_of = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32),
-                           params)
+  shapes_of = _param_shapes(params)
+  structure = _structure_for(structure, params)
   if static:
     expected = jax.eval_shape(lambda p: structures.init(
         p, structure, max_dim=int(max_dim), dense_max=int(dense_max)), shapes_of)
@@ -118,6 +174,7 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
     except (TypeError, ValueError) as e:
       raise ValueError(f"the llqr state's preconditioner does not fit params "
                        f"({e}). {fix}") from None
+  return state
 
 
 def _check_axis_name(axis_name):

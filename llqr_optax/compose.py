@@ -110,11 +110,18 @@ def precondition_base(base_optimizer: optax.GradientTransformation, *,
           "tx.init(params) again.")
     direction, base_state = base.update(updates, state.base, params, **extra_args)
 
+    treedef = jax.tree.structure(updates)
+
     def inputs_fn(grads):
       # The base's descent direction for each gradient sample, its state read
       # but not advanced: U is fitted to what the base would do with g_c.
-      one = lambda g: jax.tree.map(
-          jnp.negative, base.update(g, state.base, params, **extra_args)[0])
+      # llqr hands over bare arrays (leaves unwrapped from e.g. nnx
+      # Variables); the base sees the caller's structure.
+      def one(g):
+        d = base.update(jax.tree.unflatten(treedef, jax.tree.leaves(g)),
+                        state.base, params, **extra_args)[0]
+        return jax.tree.unflatten(jax.tree.structure(g),
+                                  [-x for x in jax.tree.leaves(d)])
       return jax.vmap(one)(grads)
 
     out, llqr_state = llqr_tx.update(

@@ -313,10 +313,31 @@ def linearize(apply_fn: Callable[[PyTree], Array], params: PyTree,
     Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
     for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
+  return _linearize(apply_fn, params, targets, loss=loss, geometry=geometry,
+                    key=key)
+
+
+def _call_error(e: TypeError) -> ValueError:
+  return ValueError(
+      f"calling apply_fn(params) raised TypeError: {e}. llqr calls apply_fn "
+      "with the params alone, so it must close over the batch's inputs: "
+      "apply_fn=lambda p: model.apply(p, x), not apply_fn=model.apply. If it "
+      "already does, the TypeError comes from the model itself (see above).")
+
+
+def _linearize(apply_fn, params, targets, *, loss, geometry, key,
+               check_outputs: Optional[Callable[[Array, Any], None]] = None):
+  """:func:`linearize`, with ``check_outputs(outputs, loss)`` run on the
+  outputs before anything reads the targets (llqr's batch-first checks)."""
   geometry = get_geometry(geometry)
   loss = losses_lib.get_loss(loss)
-  outputs, jvp = jax.linearize(apply_fn, params)
+  try:
+    outputs, jvp = jax.linearize(apply_fn, params)
+  except TypeError as e:
+    raise _call_error(e) from e
   _check_outputs(outputs)
+  if check_outputs is not None:
+    check_outputs(outputs, loss)
   transpose = jax.linear_transpose(jvp, params)
   vjp = lambda ct: transpose(ct)[0]
   metric = output_metric(geometry, loss, outputs, targets, key=key)

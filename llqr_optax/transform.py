@@ -24,7 +24,8 @@ from llqr_optax import losses as losses_lib
 from llqr_optax import structures
 from llqr_optax._validation import (_check_axis_name, _check_like_params,
                                     _check_number, _check_params, _check_state,
-                                    _is_concrete, _static_int)
+                                    _is_concrete, _param_shapes, _static_int,
+                                    _structure_for, _unwrapped)
 
 PyTree = Any
 
@@ -139,8 +140,15 @@ def _refit_due(count, refit_every):
   return (count % refit_every == 0) | (power_of_two & (count < refit_every))
 
 
-def refit_due(step: int, refit_every: int = _DEFAULT_REFIT_EVERY) -> bool:
-  """Whether llqr's schedule refits at ``step``, as a Python bool.
+def _scalar(x) -> Any:
+  """The one array of a scalar field, unwrapped from any pytree node around
+  it (``nnx.Optimizer`` keeps each array in an ``nnx`` Variable)."""
+  leaves = jax.tree.leaves(x)
+  return leaves[0] if len(leaves) == 1 else x
+
+
+def refit_due(state_or_step: Any, refit_every: int = _DEFAULT_REFIT_EVERY) -> bool:
+  """Whether llqr's schedule refits at this step, as a Python bool.
 
   The schedule is steps 0, 1, 2, 4, 8, … below ``refit_every``, then every
   ``refit_every`` steps. ``update`` follows it by itself, inside a
@@ -150,19 +158,47 @@ def refit_due(step: int, refit_every: int = _DEFAULT_REFIT_EVERY) -> bool:
   at every step, and XLA:CPU runs convolutions inside a conditional many times
   slower than outside one.
 
+  Pass the optimizer state: the step is then llqr's own ``count``, which is
+  saved with the state, so a second loop or a run resumed from a checkpoint
+  continues the schedule instead of repeating the warm-up refits. Reading
+  the count waits for the previous step to finish (a device-to-host copy of
+  one integer); the loop needs a Python bool anyway, to pick the step.
+
   Args:
-    step: the number of updates made so far (llqr's ``count``).
-    refit_every: the refit period given to :func:`scale_by_llqr`.
+    state_or_step: an optimizer state holding an :class:`LLQRState` (anything
+      :func:`find_state` accepts, e.g. a chain's state or
+      ``nnx.Optimizer.opt_state``), or the number of llqr updates made so far
+      as an int.
+    refit_every: the refit period given to :func:`scale_by_llqr` (the state
+      does not hold it: pass it when it is not the default).
 
   Returns:
     ``True`` at a refit step.
 
+  Raises:
+    ValueError: on a negative or non-integer step, ``refit_every < 1``, a
+      value traced inside ``jit`` (this runs on the host, between steps), or
+      a state without an :class:`LLQRState`.
+
   Example:
-    >>> import llqr_optax
+    >>> import jax.numpy as jnp, optax, llqr_optax
     >>> [t for t in range(1000) if llqr_optax.refit_due(t, refit_every=200)]
     [0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 400, 600, 800]
+    >>> tx = optax.chain(llqr_optax.llqr(loss="squared_error"), optax.adam(1e-3))
+    >>> llqr_optax.refit_due(tx.init({"w": jnp.zeros(3)}))  # count 0
+    True
   """
-  step = _static_int("step", step, 0)
+  step = state_or_step
+  if not isinstance(step, (int, float, np.integer, np.floating, jax.Array,
+                           np.ndarray)) and not hasattr(step, "ndim"):
+    step = _scalar(find_state(step).count)
+  if not _is_concrete(step):
+    raise ValueError(
+        "refit_due runs on the host, between compiled steps, to pick one; it "
+        "got a traced value. Call it outside jax.jit, or inside a compiled "
+        "step leave refit=None: update then follows the schedule itself.")
+  step = _static_int("step", np.asarray(step).item() if hasattr(step, "ndim")
+                     else step, 0)
   refit_every = _static_int("refit_every", refit_every, 1)
   return bool(_refit_due(np.int64(step), np.int64(refit_every)))
 
@@ -229,7 +265,9 @@ def scale_by_llqr(
     refit_every: refit period in steps (after the warm-up refits at steps 0,
       1, 2, 4, …). A refit costs about ``num_chunks · (inner_steps + 3)``
       curvature products, each about one training step.
-    num_chunks: gradient samples per refit (the batch's leading axis is split).
+    num_chunks: gradient samples per refit (the batch's leading axis is
+      split). A batch with fewer rows gives one sample per row:
+      ``min(num_chunks, batch)`` chunks, decided when the step is traced.
     inner_steps: inner solver steps per refit and block. Few steps also
       regularise: the fit sees only ``num_chunks`` gradient samples.
     inner_solver: ``"cg"`` (conjugate gradients, exact line search) or
@@ -314,7 +352,11 @@ def scale_by_llqr(
     _check_params(params)
     md = _static_int("max_dim", max_dim, 1)
     dm = _static_int("dense_max", dense_max, 1)
-    precond = structures.init(params, structure, max_dim=md, dense_max=dm)
+    # From the shapes: a leaf wrapped in a pytree node (an nnx Variable) gets
+    # its structure state in a plain container, not inside the wrapper.
+    precond = structures.init(_param_shapes(params),
+                              _structure_for(structure, params), max_dim=md,
+                              dense_max=dm)
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     i32 = lambda v: jnp.asarray(v, jnp.int32)
     return LLQRState(
@@ -335,7 +377,7 @@ def scale_by_llqr(
           f"refit={refit!r} must be None (refit on llqr's schedule, decided "
           "inside the compiled step) or a Python bool (refit now or not; "
           "compile one step per value, e.g. with static_argnames, and pick it "
-          "with llqr_optax.refit_due(step, refit_every)).")
+          "with llqr_optax.refit_due(opt_state, refit_every)).")
     if apply_fn is None or not callable(apply_fn):
       raise ValueError(
           f"apply_fn={apply_fn!r}: llqr needs apply_fn(params) -> outputs, "
@@ -349,7 +391,7 @@ def scale_by_llqr(
         "the gradient", updates, params,
         "Pass the gradient of the loss with respect to params as the first "
         "argument of tx.update(grads, state, params, ...).")
-    _check_state(state, params, structure, max_dim, dense_max, LLQRState)
+    state = _check_state(state, params, structure, max_dim, dense_max, LLQRState)
     if axis_name is not None:
       _check_axis_name(axis_name)
     if (loss_obj.check is not None and targets is not None
@@ -357,6 +399,14 @@ def scale_by_llqr(
       targets = jnp.asarray(targets)  # e.g. a list of labels
     chunks = _static_int("num_chunks", num_chunks, 1)
     model_fn = _model_fn(apply_fn, params, full_params)
+    # Leaves wrapped in pytree nodes (the nnx Variables of nnx.split's params)
+    # are unwrapped, as in init: llqr works on the bare arrays, and calls
+    # apply_fn and returns U(g) in the caller's structures.
+    wrapped, out_def = jax.tree.structure(params), jax.tree.structure(updates)
+    params, updates = _unwrapped(params), _unwrapped(updates)
+    if jax.tree.structure(params) != wrapped:
+      bare_fn = model_fn
+      model_fn = lambda p: bare_fn(jax.tree.unflatten(wrapped, jax.tree.leaves(p)))
     grads_finite = _all_finite(updates)
     if not adapt_damping:
       # λ is the damping argument (optax.inject_hyperparams may change it),
@@ -435,7 +485,7 @@ def scale_by_llqr(
     state = state._replace(
         count=optax.safe_increment(state.count),
         skipped_updates=state.skipped_updates + (~out_ok).astype(jnp.int32))
-    return out, state
+    return jax.tree.unflatten(out_def, jax.tree.leaves(out)), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -455,6 +505,13 @@ def llqr(*, learning_rate: Optional[optax.ScalarOrSchedule] = None,
 
   where ``U_t`` is the structured inverse last fitted by :func:`scale_by_llqr`
   (``η_t = 1`` and the default damping give a damped Newton-like step).
+
+  Under ``optax.inject_hyperparams(llqr)``, ``damping``, ``ema`` and
+  ``learning_rate`` can be schedules; the integer options left at their
+  defaults stay static by themselves. An integer option you pass yourself,
+  or a callable ``loss`` or ``structure`` (optax would take it for a
+  schedule), needs naming in ``static_args``, e.g.
+  ``inject_hyperparams(llqr, static_args=("num_chunks",))(num_chunks=8, ...)``.
 
   Args:
     learning_rate: ``η``, a float or an optax schedule, or ``None``.
@@ -479,21 +536,57 @@ def llqr(*, learning_rate: Optional[optax.ScalarOrSchedule] = None,
     >>> int(llqr_optax.find_state(state).refits)
     1
 
+    A damping schedule, through optax:
+
+    >>> sched = optax.inject_hyperparams(llqr_optax.llqr)(
+    ...     loss="squared_error", damping=optax.exponential_decay(1.0, 100, 0.1))
+    >>> sorted(sched.init(params).hyperparams)
+    ['damping', 'ema']
+
   References:
     Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
     for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
+  kwargs = {k: v.value if isinstance(v, _Static) else v for k, v in kwargs.items()}
   precond = scale_by_llqr(**kwargs)
   if learning_rate is None:
     return precond
   return optax.chain(precond, optax.scale_by_learning_rate(learning_rate))
 
 
+class _Static:
+  """A default that ``optax.inject_hyperparams`` keeps static.
+
+  ``inject_hyperparams`` binds the factory's signature, fills in its
+  defaults, and turns every int or float among them into a traced
+  hyperparameter, unless named in ``static_args``. llqr's integer options
+  (``num_chunks``, ``inner_steps``, …) shape the compiled program, so their
+  defaults are advertised wrapped in this (not an int to optax; its repr is
+  the value), and :func:`llqr` unwraps them. Floats (``damping``, ``ema``,
+  ``learning_rate``) stay schedulable.
+  """
+  __slots__ = ("value",)
+
+  def __init__(self, value):
+    self.value = value
+
+  def __repr__(self):
+    return repr(self.value)
+
+
+def _advertised(parameter: inspect.Parameter) -> inspect.Parameter:
+  d = parameter.default
+  if isinstance(d, int) and not isinstance(d, bool):
+    return parameter.replace(default=_Static(d))
+  return parameter
+
+
 # optax.inject_hyperparams binds the factory's signature: expose the keyword
-# arguments of scale_by_llqr on llqr, whose own is (learning_rate, **kwargs).
+# arguments of scale_by_llqr on llqr, whose own is (learning_rate, **kwargs),
+# with the integer defaults static (see _Static).
 llqr.__signature__ = inspect.signature(scale_by_llqr).replace(parameters=[
     inspect.Parameter("learning_rate", inspect.Parameter.KEYWORD_ONLY, default=None),
-    *inspect.signature(scale_by_llqr).parameters.values()])
+    *map(_advertised, inspect.signature(scale_by_llqr).parameters.values())])
 
 
 def _precondition(state: LLQRState, tree: PyTree) -> PyTree:
@@ -533,6 +626,54 @@ def find_state(state: Any) -> LLQRState:
   return found[0]
 
 
+#: The scalars of :class:`LLQRState` that :func:`diagnostics` reports.
+DIAGNOSTICS = ("count", "refits", "skipped_refits", "skipped_updates",
+               "objective", "reduction_ratio", "damping", "output_scale")
+
+
+def diagnostics(state: Any, prefix: str = "") -> dict:
+  """llqr's diagnostics as a dict of Python floats, for any logger.
+
+  One device-to-host copy of the scalars of the :class:`LLQRState` inside
+  ``state``: it waits for the step that made the state, so call it every few
+  hundred steps, not at every one, when the loop's speed matters.
+
+  What to look for: ``skipped_refits`` and ``skipped_updates`` stay 0 (each
+  counts a refit or an update dropped because something was not finite).
+  ``objective`` (``J`` of the averaged ``U`` on the last refit's batch; ``nan``
+  before the first refit) starts negative and then hovers around 0, often
+  above: the average over refits (``ema``) can overshoot on one batch's
+  model. ``reduction_ratio`` (``ρ̂``, the loss change over the quadratic
+  model's, at the best-scaled step of the last refit) near or somewhat above
+  1 means the model predicts the loss well; below 0 the step the model
+  predicts to lower the loss raised it (more damping, or
+  ``adapt_damping=True``). The README's "Logging" recipe quotes the values
+  ``make demo`` measures.
+
+  Args:
+    state: an optimizer state holding an :class:`LLQRState` (anything
+      :func:`find_state` accepts).
+    prefix: prepended to every key, e.g. ``"llqr/"``.
+
+  Returns:
+    ``{prefix + name: float}`` for ``count``, ``refits``, ``skipped_refits``,
+    ``skipped_updates``, ``objective``, ``reduction_ratio``, ``damping`` and
+    ``output_scale`` (counters too are floats, so every logger takes them).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, llqr_optax
+    >>> tx = optax.chain(llqr_optax.llqr(loss="squared_error"), optax.adam(1e-3))
+    >>> d = llqr_optax.diagnostics(tx.init({"w": jnp.zeros(3)}), prefix="llqr/")
+    >>> d["llqr/refits"], d["llqr/damping"]
+    (0.0, 1.0)
+    >>> list(d)[:3]
+    ['llqr/count', 'llqr/refits', 'llqr/skipped_refits']
+  """
+  found = find_state(state)
+  values = jax.device_get([_scalar(getattr(found, name)) for name in DIAGNOSTICS])
+  return {prefix + name: float(np.asarray(v)) for name, v in zip(DIAGNOSTICS, values)}
+
+
 def precondition(state: Any, tree: PyTree) -> PyTree:
   """Applies the current preconditioner ``U`` of an llqr state to ``tree``.
 
@@ -562,4 +703,5 @@ def precondition(state: Any, tree: PyTree) -> PyTree:
     Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
     for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
-  return _precondition(find_state(state), tree)
+  bare = _precondition(find_state(state), _unwrapped(tree))
+  return jax.tree.unflatten(jax.tree.structure(tree), jax.tree.leaves(bare))

@@ -163,13 +163,28 @@ CASES = [
     ("apply_fn returns labels (int)", update(apply_fn=lambda p: jnp.argmax(mlp(p), -1)),
      r"apply_fn returned outputs of dtype int32; they must be floating"),
     ("apply_fn returns the loss (scalar)",
+     update(apply_fn=lambda p: optax.softmax_cross_entropy_with_integer_labels(
+         mlp(p), Y).mean()),
+     r"apply_fn returned a scalar \(shape \(\)\); llqr needs the model's outputs "
+     r"for every example, batch first"),
+    ("apply_fn returns the loss (scalar), squared error",
      update({"loss": "squared_error"}, apply_fn=lambda p: jnp.mean(mlp(p)),
             targets=jnp.zeros(())),
-     r"apply_fn returned a scalar; llqr needs the model's outputs for every example"),
+     r"apply_fn returned a scalar \(shape \(\)\)"),
+    ("apply_fn returns per-example losses",
+     update(apply_fn=lambda p: optax.softmax_cross_entropy_with_integer_labels(mlp(p), Y)),
+     r"apply_fn returned outputs of shape \(16,\), one number per example, but "
+     r"loss='softmax_cross_entropy' needs 2 axes, batch first"),
+    ("apply_fn takes the inputs too (wrong arity)",
+     update(apply_fn=lambda p, x: mlp(p, x)),
+     r"calling apply_fn\(params\) raised TypeError: .*it must close over the "
+     r"batch's inputs: apply_fn=lambda p: model.apply\(p, x\), not apply_fn=model.apply"),
     ("apply_fn output shape does not fit the loss",
-     update(apply_fn=lambda p: mlp(p)[:, 0]),
-     r"targets with shape \(16,\) and dtype int32 do not fit outputs of shape \(16,\) "
-     r"for loss='softmax_cross_entropy': expected integer labels of shape \(\)"),
+     update(apply_fn=lambda p: mlp(p)[:, :4],
+            targets=jax.nn.one_hot(Y, D_OUT)),
+     r"targets with shape \(16, 5\) and dtype float32 do not fit outputs of shape "
+     r"\(16, 4\) for loss='softmax_cross_entropy': expected one-hot labels of shape "
+     r"\(16, 4\)"),
     ("targets of the wrong shape", update(targets=Y[:-1]),
      r"targets with shape \(15,\) and dtype int32 do not fit outputs of shape \(16, 5\)"),
     ("targets of the wrong dtype (bool)", update(targets=Y > 2),
@@ -179,8 +194,8 @@ CASES = [
      r"expected one-hot labels of shape \(16, 5\)"),
     ("missing targets", update(targets=None),
      r"geometry='ggn' needs targets; pass targets=\.\.\."),
-    ("num_chunks larger than the batch", update({"num_chunks": BATCH + 1}),
-     r"num_chunks=17 is larger than the batch \(16 rows"),
+    ("empty batch", update(apply_fn=lambda p: mlp(p, X[:0]), targets=Y[:0]),
+     r"apply_fn returned outputs of shape \(0, 5\): an empty batch"),
     ("gradient tree not matching params", update(grads={"l0": {"w": jnp.zeros((D_IN, HIDDEN))}}),
      r"the gradient does not match params"),
     ("gradient leaf of the wrong shape",

@@ -193,6 +193,104 @@ def test_nnx_llqr_adam_lowers_the_loss():
 
 
 # ----------------------------------------------------------------------------
+# Flax nnx, with nnx.Optimizer (the README's first nnx recipe).
+#
+# nnx.Optimizer stores the optimizer state as its own nnx.State and writes
+# every update back into it; llqr's per-leaf structure states (NamedTuples)
+# must come through that round trip with their types, step after step.
+
+
+def _nnx_optimizer_step(traces):
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    traces.append(1)  # runs when nnx.jit traces (compiles) the step
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    apply_fn = lambda p: nnx.merge(graphdef, p, rest)(x)  # the model at params p
+    loss, grads = nnx.value_and_grad(lambda m: _xent(m(x), y))(model)
+    optimizer.update(model, grads, apply_fn=apply_fn, targets=y)
+    return loss
+  return step
+
+
+def test_nnx_optimizer_trains_under_nnx_jit():
+  d = _data()
+  model = NnxMLP(nnx.Rngs(SEED))
+  optimizer = nnx.Optimizer(model, _make_tx("llqr+adam"), wrt=nnx.Param)
+  traces = []
+  step = _nnx_optimizer_step(traces)
+  full_loss = lambda: float(_xent(model(d["x_train"]), d["y_train"]))
+  before = full_loss()
+  steps = 150
+  for idx in _batches(steps):
+    step(model, optimizer, d["x_train"][idx], d["y_train"][idx])
+  after = full_loss()
+  assert after < before - 0.2, (before, after)
+  s = llqr_optax.find_state(optimizer.opt_state)
+  # Every scheduled refit happened (0, 1, 2, 4, ..., 128): none was lost.
+  due = sum(llqr_optax.refit_due(t) for t in range(steps))
+  assert int(s.refits) == due == 9
+  assert int(s.count) == steps
+  assert not llqr_optax.refit_due(optimizer.opt_state)  # count 150
+  logs = llqr_optax.diagnostics(optimizer.opt_state)
+  assert logs["refits"] == due and logs["skipped_refits"] == logs["skipped_updates"] == 0
+  assert np.isfinite(logs["objective"]) and np.isfinite(logs["reduction_ratio"])
+  # The structure states kept their types through nnx's round trips ...
+  kinds = jax.tree.leaves(jax.tree.map(
+      lambda st: type(st).__name__, s.preconditioner,
+      is_leaf=lambda x: isinstance(x, llqr_optax.structures.DiagonalState)))
+  assert set(kinds) == {"DiagonalState"} and len(kinds) == 6, kinds
+  # ... so the step compiled once.
+  assert len(traces) == 1
+
+
+def test_nnx_optimizer_eager():
+  """Without jit (op by op, so a tiny model): the second update used to fail."""
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(SEED))
+  optimizer = nnx.Optimizer(model, _make_tx("llqr+adam"), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+  y = jnp.arange(8) % 3
+  for refit in (True, False):  # the second update checks the stored state
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    grads = nnx.grad(lambda m: _xent(m(x), y))(model)
+    optimizer.update(model, grads, apply_fn=lambda p: nnx.merge(graphdef, p, rest)(x),
+                     targets=y, refit=refit)
+  logs = llqr_optax.diagnostics(optimizer.opt_state)
+  assert logs["count"] == 2 and logs["refits"] == 1
+
+
+def test_nnx_params_with_variables_and_a_structure_pytree():
+  """nnx.split's params hold nnx Variables; so does a structure pytree made
+  from them with jax.tree.map. llqr works on the bare arrays: the state holds
+  no Variable, and U(g) comes back in the Variables."""
+  graphdef, params = nnx.split(NnxMLP(nnx.Rngs(SEED)), nnx.Param)
+  spec = jax.tree.map(lambda x: "kronecker" if x.ndim == 2 else "diagonal", params)
+  tx = llqr_optax.llqr(loss="softmax_cross_entropy", structure=spec)
+  state = tx.init(params)
+  kinds = jax.tree.leaves(jax.tree.map(
+      lambda s: type(s).__name__, state.preconditioner,
+      is_leaf=llqr_optax.structures._is_state))
+  assert sorted(set(kinds)) == ["DiagonalState", "KroneckerState"]
+  x, y = _data()["x_train"][:BATCH], _data()["y_train"][:BATCH]
+  grads = jax.tree.map(jnp.zeros_like, params)
+  out, new = jax.eval_shape(lambda s: tx.update(
+      grads, s, params, apply_fn=lambda p: nnx.merge(graphdef, p)(x), targets=y), state)
+  assert jax.tree.structure(out) == jax.tree.structure(params)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+
+
+def test_linen_apply_fn_without_inputs_says_how_to_close_over_them():
+  d = _data()
+  model = MLP()
+  params = model.init(jax.random.PRNGKey(SEED), d["x_train"][:1])
+  tx = llqr_optax.llqr(loss="softmax_cross_entropy")
+  grads = jax.tree.map(jnp.zeros_like, params)
+  with pytest.raises(ValueError, match=r"raised TypeError: .*apply_fn=lambda p: "
+                     r"model.apply\(p, x\), not apply_fn=model.apply"):
+    jax.eval_shape(lambda s: tx.update(grads, s, params, apply_fn=model.apply,
+                                       targets=d["y_train"][:BATCH]), tx.init(params))
+
+
+# ----------------------------------------------------------------------------
 # What a diagonal U does before Adam (README, "Structures").
 #
 # An earlier claim test here ("llqr+Adam reaches a lower loss than Adam after

@@ -158,13 +158,40 @@ def test_refit_due_is_the_schedule():
     llqr_optax.refit_due(3, 0)
 
 
+def test_refit_due_reads_the_state(run):
+  """refit_due(opt_state) is the schedule at llqr's own count: no loop counter."""
+  due = [llqr_optax.refit_due(s, REFIT_EVERY) for s in run["states"][:-1]]
+  assert due == [t in REFIT_STEPS for t in range(NUM_STEPS)]
+  # A resumed run (a state at step 5) continues the schedule, not the warm-up.
+  assert not llqr_optax.refit_due(run["states"][5], REFIT_EVERY)
+  assert llqr_optax.refit_due(llqr_of(run["states"][6]), REFIT_EVERY)  # an LLQRState
+  assert llqr_optax.refit_due(llqr_of(run["states"][6]).count, REFIT_EVERY)  # its count
+  assert llqr_optax.refit_due(jnp.int32(200)) and not llqr_optax.refit_due(np.int64(201))
+  with pytest.raises(ValueError, match="refit_due runs on the host"):
+    jax.jit(lambda s: llqr_optax.refit_due(s))(run["states"][0])
+  with pytest.raises(ValueError, match="state holds no LLQRState"):
+    llqr_optax.refit_due(optax.adam(1e-3).init(run["params"][0]))
+
+
+def test_diagnostics_is_a_dict_of_floats(run):
+  d = llqr_optax.diagnostics(run["states"][-1])
+  assert tuple(d) == llqr_optax.DIAGNOSTICS
+  assert all(type(v) is float for v in d.values())
+  inner = llqr_of(run["states"][-1])
+  assert d["refits"] == int(inner.refits) == len(REFIT_STEPS)
+  assert d["count"] == NUM_STEPS and d["damping"] == 1.0
+  assert d["objective"] == pytest.approx(float(inner.objective))
+  assert set(llqr_optax.diagnostics(inner, prefix="llqr/")) == {
+      "llqr/" + k for k in llqr_optax.DIAGNOSTICS}
+
+
 def test_static_refit_steps_match_the_scheduled_run(run):
   """Two compiled steps (refit=True / False, picked by refit_due) = the cond."""
   steps = {flag: make_step(MAIN_TX, f"static_{flag}", refit=flag) for flag in (False, True)}
   params, state = run["params"][0], run["states"][0]
   for t in range(NUM_STEPS):
     x, y = run["batches"][t]
-    params, state, updates = steps[llqr_optax.refit_due(t, REFIT_EVERY)](
+    params, state, updates = steps[llqr_optax.refit_due(state, REFIT_EVERY)](
         params, state, run["grads"][t], x, y)
     assert_trees_close(updates, run["updates"][t])
     assert_trees_close(llqr_of(state), llqr_of(run["states"][t + 1]))
@@ -288,6 +315,91 @@ def test_state_is_a_pytree_of_arrays_and_checkpoints(run):
   assert TRACES["main"] == traces  # a restored state does not recompile
   assert_trees_equal(a[1], run["states"][6])
   assert_trees_equal(a[0], run["params"][6])
+
+
+def test_untyped_structure_states_are_rebuilt(run):
+  """Structure states stored as mappings of their fields (as nnx.Optimizer's
+  nnx.State or a restore without a target tree do) are rebuilt by update."""
+  state = run["states"][6]
+  inner = llqr_of(state)
+  untyped = jax.tree.map(lambda s: dict(s._asdict()), inner.preconditioner,
+                         is_leaf=structures._is_state)
+  assert not any(structures._is_state(s) for s in jax.tree.leaves(
+      untyped, is_leaf=structures._is_state))
+  x, y = run["batches"][6]
+  params, after, updates = MAIN_STEP(run["params"][6],
+                                     (inner._replace(preconditioner=untyped),) + state[1:],
+                                     run["grads"][6], x, y)
+  assert_trees_equal(updates, run["updates"][6])
+  assert_trees_equal(after, run["states"][7])  # typed again
+  assert structures.restore_types(untyped, run["params"][6]) is not None
+  # Fields of another structure are rebuilt as that structure, then rejected.
+  kron = llqr_optax.llqr(**{**KW, "structure": "kronecker"}).init(run["params"][0])
+  as_dicts = jax.tree.map(lambda s: dict(s._asdict()), kron.preconditioner,
+                          is_leaf=structures._is_state)
+  with pytest.raises(ValueError, match=r"is KroneckerState.*but this configuration "
+                     r"makes DiagonalState"):
+    _trace_update(MAIN_TX, run["params"][0],
+                  state=(kron._replace(preconditioner=as_dicts),) + run["states"][0][1:])
+
+
+def test_inject_hyperparams_needs_no_static_args():
+  """llqr's integer defaults stay static; damping follows its schedule."""
+  params = init_params(jax.random.key(0))
+  schedule = optax.linear_schedule(1.0, 0.5, transition_steps=4)
+  tx = optax.inject_hyperparams(llqr_optax.llqr)(loss=LOSS, damping=schedule)
+  state = tx.init(params)
+  assert set(state.hyperparams) == {"damping", "ema"}
+  x, y = batch(0)
+  g = grad_fn(params, x, y)
+  step = jit(lambda s: tx.update(g, s, params, apply_fn=lambda p: mlp(p, x), targets=y))
+  for t in range(3):
+    _, state = step(state)
+    assert float(llqr_of(state).damping) == pytest.approx(float(schedule(t)))
+  assert int(llqr_of(state).refits) == 3
+  # An integer passed by the user is a hyperparameter to optax: it says so.
+  factory = optax.inject_hyperparams(llqr_optax.llqr)
+  with pytest.raises(ValueError, match=r"static_args=\('num_chunks',\)"):
+    _trace_update(factory(loss=LOSS, num_chunks=2), params)
+  # The advertised defaults are llqr's own.
+  sig = __import__("inspect").signature(llqr_optax.llqr)
+  assert repr(sig.parameters["num_chunks"].default) == "4"
+
+
+def _least_squares_run(residuals, params, steps, **kw):
+  tx = llqr_optax.llqr(loss="squared_error", learning_rate=1.0, **kw)
+  targets = jnp.zeros(2)
+
+  @jit
+  def step(params, state):
+    g = jax.grad(lambda p: 0.5 * jnp.mean(residuals(p) ** 2))(params)
+    u, state = tx.update(g, state, params, apply_fn=residuals, targets=targets)
+    return optax.apply_updates(params, u), state
+
+  state = tx.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, llqr_optax.diagnostics(state)
+
+
+def test_fewer_rows_than_num_chunks_take_one_sample_per_row():
+  """optax's least-squares targets have 2 rows; num_chunks=4 adapts to 2."""
+  from llqr_optax import fitting
+  parabola = lambda p: p - jnp.array([1.0, -2.0])  # |p - c|², two rows
+  problem, _, _ = fitting.build_problem(parabola, jnp.zeros(2), jnp.zeros(2),
+                                        loss="squared_error", num_chunks=4)
+  assert problem.grads.shape == (2, 2)  # one sample per row
+  assert fitting.chunks_for(4, 2) == 2 and fitting.chunks_for(4, 3) == 3
+  # At llqr's defaults (num_chunks=4): it converges.
+  params, d = _least_squares_run(parabola, jnp.zeros(2), 60)
+  np.testing.assert_allclose(params, [1.0, -2.0], atol=1e-4)
+  assert d["refits"] >= 1 and d["skipped_refits"] == d["skipped_updates"] == 0
+  # Rosenbrock (the README's recipe): a dense U refitted at every step.
+  rosenbrock = lambda p: jnp.stack([1.0 - p[0], 10.0 * (p[1] - p[0] ** 2)])
+  params, d = _least_squares_run(rosenbrock, jnp.array([-1.2, 1.0]), 200,
+                                 structure="dense", refit_every=1, ema=0.0)
+  np.testing.assert_allclose(params, [1.0, 1.0], atol=1e-4)
+  assert d["refits"] == 200 and d["skipped_refits"] == 0
 
 
 # --- optax wrappers -----------------------------------------------------------
@@ -497,8 +609,8 @@ def test_structure_pytree_not_matching_params_raises():
   assert isinstance(inner.preconditioner["l1"]["b"], structures.ScalarState)
 
 
-def _trace_update(tx, params, **kw):
-  state = tx.init(params)
+def _trace_update(tx, params, state=None, **kw):
+  state = tx.init(params) if state is None else state
   x, y = batch(0)
   g = jax.tree.map(jnp.zeros_like, params)
   kw = {"apply_fn": lambda p: mlp(p, x), "targets": y, **kw}
@@ -514,8 +626,8 @@ def test_update_errors():
     tx.update(g, state, params, targets=batch(0)[1])
   with pytest.raises(ValueError, match="apply_fn"):
     tx.update(g, state, params, apply_fn=None, targets=batch(0)[1])
-  with pytest.raises(ValueError, match="num_chunks"):
-    _trace_update(make_tx(num_chunks=BATCH + 1), params)
+  # More chunks than rows is not an error: one sample per row.
+  _trace_update(make_tx(num_chunks=BATCH + 1), params)
   with pytest.raises(ValueError, match="targets"):
     _trace_update(tx, params, targets=jnp.zeros((BATCH, 2), jnp.int32))
   with pytest.raises(ValueError, match="targets"):

@@ -184,6 +184,49 @@ def _replicated(tree: PyTree) -> PyTree:
   return jax.tree.map(leaf, tree)
 
 
+def chunks_for(num_chunks: int, batch: int) -> int:
+  """The number of gradient samples a refit takes from a batch of ``batch`` rows.
+
+  ``min(num_chunks, batch)``: a batch with fewer rows than ``num_chunks``
+  gives one sample per row. Shapes are static, so this is decided when the
+  step is traced and costs nothing at run time.
+
+  Args:
+    num_chunks: the ``num_chunks`` asked for.
+    batch: rows along the leading axis of the model's outputs (per device
+      under ``axis_name``).
+
+  Returns:
+    The number of chunks used.
+
+  Example:
+    >>> chunks_for(4, 128), chunks_for(4, 2)
+    (4, 2)
+  """
+  return max(1, min(int(num_chunks), int(batch)))
+
+
+def _check_batch_outputs(outputs, loss):
+  """The outputs must be batch first, one event per example, before the targets."""
+  shape = tuple(outputs.shape)
+  if outputs.ndim == 0:
+    raise ValueError(
+        "apply_fn returned a scalar (shape ()); llqr needs the model's outputs "
+        "for every example, batch first (logits or predictions), not the loss: "
+        "apply_fn=lambda p: model.apply(p, x).")
+  if loss.event_ndim is not None and outputs.ndim < 1 + loss.event_ndim:
+    raise ValueError(
+        f"apply_fn returned outputs of shape {shape}, one number per example, "
+        f"but loss={loss.name!r} needs {1 + loss.event_ndim} axes, batch "
+        "first (logits of shape (batch, classes)). If apply_fn returns "
+        "per-example losses or predicted labels, return the model's logits "
+        "instead: apply_fn=lambda p: model.apply(p, x).")
+  if shape[0] == 0:
+    raise ValueError(
+        f"apply_fn returned outputs of shape {shape}: an empty batch. llqr "
+        "needs at least one example.")
+
+
 def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
                   targets: Any = None, *, loss: losses_lib.LossLike,
                   geometry: geometry_lib.GeometryLike = "ggn",
@@ -211,7 +254,8 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
     geometry: a geometry name or :class:`~llqr_optax.geometry.Geometry`.
     damping: ``λ``.
     num_chunks: number of gradient samples; examples beyond
-      ``num_chunks · (batch // num_chunks)`` enter the curvature only.
+      ``num_chunks · (batch // num_chunks)`` enter the curvature only. A
+      batch with fewer rows takes one sample per row (:func:`chunks_for`).
     key: PRNG key for sampled geometries.
     axis_name: a mapped axis (``pmap``/``shard_map``) over which the batch is
       sharded; products and samples are averaged over it.
@@ -243,21 +287,14 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
     if key is not None:
       for a in _axes(axis_name):
         key = jax.random.fold_in(key, jax.lax.axis_index(a))
-  lin = geometry_lib.linearize(apply_fn, params, targets, loss=loss,
-                               geometry=geometry, key=key)
+  lin = geometry_lib._linearize(apply_fn, params, targets, loss=loss,
+                                geometry=geometry, key=key,
+                                check_outputs=_check_batch_outputs)
   outputs = lin.outputs
   if loss.check is not None and targets is not None:
     loss.check(outputs, targets)
-  if outputs.ndim == 0:
-    raise ValueError(
-        "apply_fn returned a scalar; llqr needs the model's outputs for every "
-        "example, batch first (logits or predictions), not the loss.")
-  batch = outputs.shape[0]
-  if batch < num_chunks:
-    raise ValueError(
-        f"num_chunks={num_chunks} is larger than the batch ({batch} rows along "
-        "the leading axis of apply_fn's outputs); lower num_chunks.")
-  size = batch // num_chunks
+  num_chunks = chunks_for(num_chunks, outputs.shape[0])
+  size = outputs.shape[0] // num_chunks
 
   chunk_targets = _replicated(targets)
 

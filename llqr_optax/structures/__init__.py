@@ -34,6 +34,9 @@ PyTree = Any
 STRUCTURES: Dict[str, type] = {
     cls.name: cls for cls in (Scalar, Diagonal, Kronecker, EigenKronecker, Dense)}
 _BY_STATE = {cls.State: cls for cls in STRUCTURES.values()}
+# Each state type has its own set of field names: they identify it.
+_BY_FIELDS = {frozenset(cls.State._fields): cls.State for cls in STRUCTURES.values()}
+assert len(_BY_FIELDS) == len(STRUCTURES)
 
 #: What ``structure="auto"`` picks for a leaf with at least two axes.
 AUTO_MATRIX = "diagonal"
@@ -66,6 +69,63 @@ def structure_of(state) -> type:
 
 def _path_str(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
+
+
+def _key_name(key) -> Any:
+  """A path entry's name, whatever the container: dict, attribute or index."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def restore_types(states: PyTree, params: PyTree) -> PyTree | None:
+  """Rebuilds the per-leaf structure states of a tree that lost their types.
+
+  Containers that store pytrees as nested mappings — ``flax.nnx.Optimizer``
+  (its ``nnx.State``), a checkpoint restored without a target tree — turn
+  each leaf's ``NamedTuple`` (e.g. ``DiagonalState(diag=...)``) into a
+  mapping ``{"diag": ...}``. The arrays are all there, and the field names
+  say which state each leaf held (every state type has its own fields), so
+  the typed tree can be rebuilt, with the containers of ``params``.
+
+  Args:
+    states: per-leaf structure states, typed or as mappings of their fields.
+    params: the params the states were made for (arrays or shapes).
+
+  Returns:
+    A pytree with the structure of ``params`` and one typed state per leaf,
+    or ``None`` if ``states`` does not hold exactly one state's fields under
+    every leaf of ``params`` (states of other params).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    >>> untyped = {"w": {"left": jnp.eye(3), "right": jnp.eye(2)},
+    ...            "b": {"diag": jnp.ones(2)}}
+    >>> typed = restore_types(untyped, params)
+    >>> type(typed["w"]).__name__, type(typed["b"]).__name__
+    ('KroneckerState', 'DiagonalState')
+    >>> restore_types({"w": {"diag": jnp.ones((3, 2))}}, params) is None
+    True
+  """
+  names = lambda path: tuple(_key_name(k) for k in path)
+  p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
+  slots = {names(path): i for i, (path, _) in enumerate(p_paths)}
+  fields = [dict() for _ in p_paths]
+  for path, x in jax.tree_util.tree_flatten_with_path(states)[0]:
+    key = names(path)
+    i = slots.get(key[:-1])
+    if i is None or not key or key[-1] in fields[i]:
+      return None
+    fields[i][key[-1]] = x
+  typed = []
+  for f in fields:
+    state_type = _BY_FIELDS.get(frozenset(f))
+    if state_type is None:
+      return None
+    typed.append(state_type(**f))
+  return jax.tree.unflatten(p_def, typed)
 
 
 def _resolve(name: Any, path, shape, *, max_dim: int, dense_max: int,
@@ -298,5 +358,5 @@ __all__ = [
     "AUTO_MATRIX", "STRUCTURES", "Structure", "Scalar", "ScalarState",
     "Diagonal", "DiagonalState", "Kronecker", "KroneckerState", "EigenKronecker",
     "EigenKroneckerState", "Dense", "DenseState", "apply", "identity_like", "init",
-    "leaf_names",
+    "leaf_names", "restore_types",
     "map_states", "matrix_shape", "structure_of"]
