@@ -373,7 +373,7 @@ def products_per_fit(structure: str, solver: str, steps: int, refits: int,
   """
   states = structures.init(params, structure)
   blocks = fitting.objective.num_blocks(states)
-  per_block = (1 + steps) if solver == "cg" else steps
+  per_block = (1 + steps) if solver in ("cg", "pcg") else steps
   per_refit = blocks * per_block + 1
   return num_chunks * (refits * per_refit + 1)
 
@@ -469,6 +469,93 @@ def adam_train(net: Net, params, x, y, idx, lr):
   return params, state, losses
 
 
+def llqr_train(net: Net, params, x, y, idx, lr, config: str):
+  """``chain(llqr(**config), adam(lr))`` on the batches ``idx``, in one compiled
+  step per refit decision (``refit_due`` on llqr's own count)."""
+  kwargs = eval(f"dict({config})", {"llqr_optax": llqr_optax})  # noqa: S307
+  tx = optax.chain(llqr_optax.llqr(loss=LOSS, **kwargs), optax.adam(lr))
+  state = tx.init(params)
+  every = kwargs.get("refit_every", 200)
+
+  @functools.partial(jax.jit, static_argnames="refit")
+  def step(params, state, xb, yb, refit):
+    apply_fn = lambda p: net.apply(p, xb)
+    loss, grads = jax.value_and_grad(lambda p: xent(apply_fn(p), yb))(params)
+    updates, state = tx.update(grads, state, params, apply_fn=apply_fn,
+                               targets=yb, refit=refit)
+    return optax.apply_updates(params, updates), state, loss
+
+  losses = []
+  for b in idx:
+    params, state, loss = step(params, state, x[b], y[b],
+                               refit=llqr_optax.refit_due(state, every))
+    losses.append(float(loss))
+  return params, state, losses
+
+
+def trained_rows(net: Net, kit: "Kit", layout: "Layout", params0, x_j, y_j,
+                 adam_idx, fit_idx, fresh_idx, args, key) -> List[Dict[str, Any]]:
+  """ρ of the preconditioner that training holds, on fresh batches.
+
+  For each ``--trained`` configuration: train ``chain(llqr, adam)`` from the
+  same initialisation on the same batches as the Adam run, then score, at
+  the parameters it reached, the preconditioner in its state
+  (``llqr_optax.precondition``) against the identity, the chain's own Adam
+  diagonal, K-FAC's Kronecker factors and the exact block-diagonal inverse
+  per layer (fit batches, and the fresh batch's own: the ideal K-FAC), under
+  the damped GGN of every ``--dampings`` value.
+  """
+  out = []
+  for config in args.trained:
+    params, state, losses = llqr_train(net, params0, x_j, y_j, adam_idx,
+                                       args.adam_lr, config)
+    inner = llqr_optax.find_state(state)
+    adam_state = state[1]
+    count = int(adam_state[0].count)
+    u_adam = 1.0 / (np.sqrt(layout.flat(adam_state[0].nu) / (1 - 0.999 ** count)) + 1e-8)
+    xs_fit, ys_fit = x_j[fit_idx], y_j[fit_idx]
+    fresh = [(x_j[i], y_j[i]) for i in fresh_idx]
+    gs = [layout.flat(kit.grad(params, xb, yb)) for xb, yb in fresh]
+    u_llqr = [layout.flat(llqr_optax.precondition(state, layout.tree(g))) for g in gs]
+    c_fresh = [np.asarray(kit.dense_c(params, xb, yb, key, geometry="ggn",
+                                      col_batch=kit.col_batch), np.float64)
+               for xb, yb in fresh]
+    c_fit = np.mean([np.asarray(kit.dense_c(params, xs_fit[r], ys_fit[r], key,
+                                            geometry="ggn", col_batch=kit.col_batch),
+                                np.float64) for r in range(args.refits)], 0)
+    stats = [kit.kfac_stats(params, xs_fit[r], jax.random.fold_in(key, r))
+             for r in range(args.refits)]
+    factors = [(np.mean([np.asarray(st[l][0], np.float64) for st in stats], 0),
+                np.mean([np.asarray(st[l][1], np.float64) for st in stats], 0))
+               for l in range(len(net.layers))]
+    layers = list(layout.layers.values())
+    for damping in args.dampings:
+      eye = np.eye(layout.size)
+      a_fit = c_fit + damping * eye
+      methods = {
+          "llqr_trained": lambda f, g, a: u_llqr[f],
+          "identity": lambda f, g, a: g,
+          "adam_diag": lambda f, g, a: u_adam * g,
+          "kfac": lambda f, g, a: kfac_apply(net, layout, factors, damping, g),
+          "blockdiag_layer_fit": lambda f, g, a: block_solve(a_fit, g, layers),
+          "kfac_ideal_layer": lambda f, g, a: block_solve(a, g, layers),
+      }
+      for name, u_of in methods.items():
+        vals = []
+        for f, g in enumerate(gs):
+          a = c_fresh[f] + damping * eye
+          ainv_g = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), g)
+          vals.append(rho(u_of(f, g, a), g, a, float(g @ ainv_g)))
+        out.append(dict(model=net.name, config=config or "(defaults)",
+                        damping=damping, method=name, rho=float(np.mean(vals)),
+                        rho_per_batch=vals, refits=int(inner.refits),
+                        train_loss_last10=float(np.mean(losses[-10:]))))
+    cells = "  ".join(f"{r['method']} {r['rho']:.3f}" for r in out
+                      if r["model"] == net.name and r["config"] == (config or "(defaults)"))
+    print(f"[{net.name}] trained {config or '(defaults)'}: {cells}", flush=True)
+  return out
+
+
 def adam_diag(state, layout: Layout, eps: float = 1e-8) -> np.ndarray:
   """``1/(√v̂ + ε)`` from optax.adam's state (bias-corrected second moment)."""
   adam = state[0]
@@ -507,6 +594,13 @@ def parse_args(argv):
                  help="model names to run (default all)")
   p.add_argument("--num-chunks", type=int, default=8)
   p.add_argument("--inner-steps", type=int, default=10)
+  p.add_argument("--inner-solver", default="cg", choices=["cg", "pcg", "sgd"],
+                 help="the inner solver of the table's llqr fits")
+  p.add_argument("--trained", nargs="*", default=None,
+                 help="llqr configurations (keyword arguments as Python source; "
+                      "'' for the defaults) whose preconditioner is scored after "
+                      "training chain(llqr, adam) for --adam-steps steps "
+                      "(default: the defaults, and structure='kronecker')")
   p.add_argument("--ema", type=float, default=0.9)
   p.add_argument("--cg-steps", type=int, nargs="*", default=None,
                  help="compute study: CG inner steps (default 1 3 10 30)")
@@ -534,6 +628,7 @@ def parse_args(argv):
   args.sgd_steps = pick(args.sgd_steps, [10, 50, 200], [])
   args.check_geometries = pick(args.check_geometries, ["ggn", "mc_fisher", "newton"],
                                ["ggn"])
+  args.trained = pick(args.trained, ["", "structure='kronecker'"], [""])
   args.compute_structures = pick(args.compute_structures,
                                  ["diagonal", "kronecker", "ekfac"], ["diagonal"])
   for name in ("refits", "fresh", "batch", "num_chunks"):
@@ -567,6 +662,7 @@ def main(argv=None):
   model_info: List[Dict[str, Any]] = []
   curvature_info: List[Dict[str, Any]] = []
   checks: List[Dict[str, Any]] = []
+  trained: List[Dict[str, Any]] = []
   timings: Dict[str, float] = {}
 
   for mi, net in enumerate(models):
@@ -730,7 +826,7 @@ def main(argv=None):
           return row
 
         for structure in args.structures:
-          fit_and_score(structure, "cg", args.inner_steps, rows)
+          fit_and_score(structure, args.inner_solver, args.inner_steps, rows)
         line = "  ".join(f"{r['method'].replace('llqr_', '')} "
                          f"{'-' if r['rho'] is None else format(r['rho'], '.3f')}"
                          for r in rows if r["model"] == net.name
@@ -765,7 +861,8 @@ def main(argv=None):
 
         if geometry == args.compute_geometry and status == "ok":
           for structure in args.compute_structures:
-            for solver, steps_list in (("cg", args.cg_steps), ("sgd", args.sgd_steps)):
+            for solver, steps_list in (("cg", args.cg_steps), ("pcg", args.cg_steps),
+                                       ("sgd", args.sgd_steps)):
               for steps in steps_list:
                 fit_and_score(structure, solver, steps, compute_rows)
             cells = "  ".join(f"{r['solver']}{r['inner_steps']} {r['rho']:.3f}"
@@ -774,6 +871,8 @@ def main(argv=None):
                               and r["structure"] == structure)
             print(f"[{net.name}] compute {geometry} λ={damping:g} {structure}: "
                   f"{cells}  [{time.perf_counter() - t0:.1f}s]", flush=True)
+    trained += trained_rows(net, kit, layout, params0, x_j, y_j, adam_idx, fit_idx,
+                            fresh_idx, args, jax.random.fold_in(key, 7))
     timings[net.name] = time.perf_counter() - tm
 
   wall = time.perf_counter() - t0
@@ -786,6 +885,7 @@ def main(argv=None):
       renyi_alpha=RENYI_ALPHA, exact_cg_tol=CG_TOL, exact_cg_maxiter=CG_MAXITER,
       structures=args.structures,
       num_chunks=args.num_chunks, inner_steps=args.inner_steps, ema=args.ema,
+      inner_solver=args.inner_solver, trained_configs=args.trained,
       cg_steps=args.cg_steps, sgd_steps=args.sgd_steps,
       compute_structures=args.compute_structures,
       compute_geometry=args.compute_geometry,
@@ -803,7 +903,7 @@ def main(argv=None):
   out = dict(meta=meta, methods=dict(BASELINES, **{
       llqr_key(s): f"llqr {s}, fitted on the fit batches" for s in ALL_STRUCTURES}),
       models=model_info, curvature=curvature_info, rows=rows, compute=compute_rows,
-      checks=checks)
+      checks=checks, trained=trained)
   js = args.out / "quality.json"
   js.write_text(json.dumps(out, indent=2) + "\n")
   pngs = plot(out, args.out)
@@ -874,7 +974,7 @@ def plot(out, folder: Path) -> List[Path]:
       ax = axes[0, i]
       sel = [r for r in comp if r["model"] == model and r["damping"] == damping]
       for k, structure in enumerate(meta["compute_structures"]):
-        for solver, style in (("cg", "-o"), ("sgd", "--s")):
+        for solver, style in (("cg", "-o"), ("pcg", "-^"), ("sgd", "--s")):
           pts = sorted((r["curvature_products"], r["rho"]) for r in sel
                        if r["structure"] == structure and r["solver"] == solver)
           if pts:

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
+
 _ROOT = Path(__file__).resolve().parents[1]
 
 PLOTS = {"quality": ("quality_rho.png", "quality_compute.png"),
@@ -319,6 +321,34 @@ def quality_section(q, md: Path, plots: List[Path]) -> List[str]:
     for p in plots:
       if p.name == "quality_compute.png":
         out += [link(md, p, "ρ against refit compute"), ""]
+
+  trained = q.get("trained") or []
+  if trained:
+    methods_t = list(dict.fromkeys(r["method"] for r in trained))
+    configs = list(dict.fromkeys(r["config"] for r in trained))
+    body = []
+    for model in dict.fromkeys(r["model"] for r in trained):
+      for config in configs:
+        for damping in meta["dampings"]:
+          sel = by(trained, model=model, config=config, damping=damping)
+          if not sel:
+            continue
+          vals = {r["method"]: r["rho"] for r in sel}
+          ident = vals.get("identity")
+          ratio = (vals["llqr_trained"] / ident) if ident else None
+          body.append([model, f"`{config}`", fmt_g(damping),
+                       *[fmt(vals.get(m)) for m in methods_t],
+                       fmt(ratio, 2)])
+    out += ["### ρ of the preconditioner that training holds", "",
+            f"`chain(llqr(**config), adam({fmt_g(meta.get('adam_lr', 0.01))}))` "
+            "trained from the same initialisation on the same batches as the Adam "
+            "run above; at the parameters it reached, its preconditioner "
+            "(`llqr_optax.precondition(state, g)`) is scored on the fresh batches "
+            "under the damped GGN, beside the identity, the chain's own Adam "
+            "diagonal, K-FAC's factors from the fit batches, the exact "
+            "block-diagonal inverse per layer of the fit batches' curvature, and "
+            "that of the fresh batch's own (the ideal K-FAC).", "",
+            table(["model", "config", "λ", *methods_t, "llqr / identity"], body), ""]
   return out
 
 
@@ -488,12 +518,183 @@ def _stat(d: Optional[Dict[str, float]], digits: int = 3, scale: float = 1.0,
   return f"{med:.{digits}f}{suffix} [{lo:.{digits}f}–{hi:.{digits}f}]"
 
 
-def _grid_cell(grid: Dict[str, Optional[float]], best: float) -> str:
+def _grid_cell(grid: Dict[str, Optional[float]], best: float,
+               variant: Optional[str] = None) -> str:
+  """``lr: loss`` per grid point (``variant@lr`` where the row tuned options
+  too), the best in bold."""
   cells = []
-  for lr, loss in grid.items():
-    mark = "**" if float(lr) == best else ""
-    cells.append(f"{mark}{lr}: {fmt(loss, 3) if loss is not None else 'diverged'}{mark}")
+  for key, loss in grid.items():
+    name, _, lr = key.rpartition("@")
+    mark = "**" if float(lr) == best and (not name or name == variant) else ""
+    cells.append(f"{mark}{key}: {fmt(loss, 3) if loss is not None else 'diverged'}{mark}")
   return ", ".join(cells)
+
+
+def base_of(name: str) -> Optional[str]:
+  """The base optimizer a row wraps (``llqr_kron[...]+adam`` → ``adam``)."""
+  head, plus, base = name.rpartition("+")
+  return base if plus and not base.endswith("]") else None
+
+
+def steps_cell(r: Dict[str, Any]) -> str:
+  """``median [min–max] (k/n)`` of the steps to target; misses count as ∞."""
+  hits = r["steps_to_target"]
+  got = [h for h in hits if h is not None]
+  if not got:
+    return f"– (0/{len(hits)})"
+  med = np.median([h if h is not None else math.inf for h in hits])
+  body = (f"{fmt(float(med), 0)}" if math.isfinite(med) else "∞") + (
+      f" [{min(got)}–{max(got) if len(got) == len(hits) else '∞'}]"
+      if len(hits) > 1 else "")
+  return body + ("" if len(got) == len(hits) else f" ({len(got)}/{len(hits)})")
+
+
+def median_steps(r: Dict[str, Any]) -> float:
+  return float(np.median([h if h is not None else math.inf
+                          for h in r["steps_to_target"]]))
+
+
+def ablation_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) -> List[str]:
+  """The gains study: one table per task from ``training_ablation_<task>.json``,
+  rows against their base optimizer and against Adam, Muon and the exact step."""
+  if not runs:
+    return []
+  first = next(iter(runs.values()))["meta"]
+  out = ["## The gains study: llqr's levers (`training_ablation_*.json`)", "",
+         "Command: `python benchmarks/ablation.py` (one `benchmarks/training.py` "
+         f"process per task; git `{first.get('git', '?')}`). Protocol as in the "
+         "training benchmark: each row's rate, and the options written `a|b`, "
+         f"tuned on seed {first['seeds'][0]} "
+         + ("for the fewest steps to the target, then the lowest final loss"
+            if first.get("select") == "steps" else "by the final training loss")
+         + " (the rate "
+         "grid extended by ×3 beyond an edge until the best is inside it), the "
+         f"best run on seeds {first['seeds']}. Steps to target: median over the "
+         "seeds [min–max] of the first step at which the EMA (β = 0.98) of the "
+         "batch loss reaches the task's target; a seed that never reaches it "
+         "counts as ∞. *× base*: the row's median steps over its base "
+         "optimizer's (Adam, SGD-momentum or Muon, each at its own best rate); "
+         "*× Adam time*: amortised ms/step over Adam's in the same interleaved "
+         "runs (median over seeds). `lr edge`: the best rate is still at the "
+         "edge after extension.", ""]
+  figs = []
+  for name, t in runs.items():
+    task = t["tasks"][0]
+    rows = t["summary"]
+    by_name = {r["optimizer"]: r for r in rows}
+    out += [f"### {task['name']}", "",
+            f"{task['description']}; {task['num_params']} parameters; "
+            f"{task['steps']} steps, batch {task['batch_size']}, target training "
+            f"loss {fmt_g(task['target_loss'])}; wall time "
+            f"{t['meta']['wall_seconds'] / 60:.0f} min.", ""]
+    body = []
+    for r in rows:
+      base = base_of(r["optimizer"])
+      ref = by_name.get(base) if base else None
+      ratio = (median_steps(r) / median_steps(ref)
+               if ref and math.isfinite(median_steps(ref)) else None)
+      variant = r.get("variant", r["optimizer"])
+      chosen = "" if variant == r["optimizer"] else f"`{variant}`"
+      body.append([f"`{r['optimizer']}`", chosen or "–", fmt_g(r["best_lr"])
+                   + (" (lr edge)" if r.get("lr_at_edge") else ""),
+                   steps_cell(r),
+                   "–" if ratio is None else ("∞" if not math.isfinite(ratio)
+                                              else f"{ratio:.2f}"),
+                   _stat(r["final_train_loss"], 4),
+                   _stat(r["ratio_vs_adam_mean"], 2)])
+    out += [table(["row", "tuned variant", "best lr", "steps to target",
+                   "× base steps", "final train loss", "× Adam time (mean)"],
+                  body), ""]
+    figs.append((task, rows))
+  png = ablation_plot(figs, assets / "ablation_steps.png")
+  if png:
+    out += [link(md, png, "steps to target over the base optimizer's, per row and task"), ""]
+  return out
+
+
+def batch_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) -> List[str]:
+  """Steps to target against batch size, from ``training_batch_*.json``."""
+  if not runs:
+    return []
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  points: Dict[str, Dict[str, Dict[int, Dict[str, Any]]]] = {}
+  for t in runs.values():
+    task = t["tasks"][0]
+    for r in t["summary"]:
+      points.setdefault(task["name"], {}).setdefault(r["optimizer"], {})[
+          task["batch_size"]] = r
+  out = ["## The large-batch regime: steps to target against batch size", "",
+         "Command: `python benchmarks/ablation.py --batch-sweep` (a "
+         "`benchmarks/training.py --batch B` process per task and batch; each "
+         "row's rate tuned at each batch size on seed 0, median over seeds "
+         f"{next(iter(runs.values()))['meta']['seeds']}; same target loss and "
+         "number of steps at every batch size). Cells: median steps to target "
+         "[min–max]; ∞ where a seed never reached it.", ""]
+  fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4.4), squeeze=False)
+  for ax, (task, rows) in zip(axes[0], points.items()):
+    batches = sorted({b for r in rows.values() for b in r})
+    body = []
+    for name, per in rows.items():
+      body.append([f"`{name}`"] + [steps_cell(per[b]) if b in per else "–"
+                                   for b in batches])
+      ys = [median_steps(per[b]) if b in per else np.nan for b in batches]
+      ax.plot(batches, [y if np.isfinite(y) else np.nan for y in ys], "-o",
+              label=name)
+    out += [f"### {task}", "", table(["row", *[f"batch {b}" for b in batches]], body), ""]
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("median steps to target")
+    ax.set_title(task)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = assets / "batch_steps.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return out + [link(md, path, "steps to target against batch size"), ""]
+
+
+def ablation_plot(figs, path: Path) -> Optional[Path]:
+  """Median steps to target over the base's, per row (bars) and task."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = []
+  for _, rows in figs:
+    for r in rows:
+      if base_of(r["optimizer"]) and r["optimizer"] not in names:
+        names.append(r["optimizer"])
+  if not names:
+    return None
+  fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(names) * len(figs) / 2 + 4), 5))
+  width = 0.8 / len(figs)
+  for j, (task, rows) in enumerate(figs):
+    by_name = {r["optimizer"]: r for r in rows}
+    vals = []
+    for n in names:
+      r, ref = by_name.get(n), by_name.get(base_of(n) or "")
+      v = (median_steps(r) / median_steps(ref)) if r and ref else np.nan
+      vals.append(min(v, 3.0) if np.isfinite(v) else (3.0 if r and ref else np.nan))
+    ax.bar(np.arange(len(names)) + (j - (len(figs) - 1) / 2) * width, vals, width,
+           label=task["name"])
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.axhline(0.8, color="k", lw=0.8, ls=":")
+  ax.set_xticks(np.arange(len(names)))
+  ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
+  ax.set_ylabel("median steps to target / base's (capped at 3; ∞ = 3)")
+  ax.set_title("llqr's levers: steps to target relative to the base optimizer "
+               "(dotted: the 0.8 bar)")
+  ax.legend(fontsize=8)
+  ax.grid(True, axis="y", alpha=0.3)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def training_section(name: str, t: Dict[str, Any], md: Path,
@@ -558,7 +759,8 @@ def training_section(name: str, t: Dict[str, Any], md: Path,
     out += ["Learning-rate grid (final training loss on seed "
             f"{meta['seeds'][0]}; best in bold):", ""]
     out += [table(["optimizer", "grid"],
-                  [[f"`{r['optimizer']}`", _grid_cell(r["grid"], r["best_lr"])]
+                  [[f"`{r['optimizer']}`", _grid_cell(r["grid"], r["best_lr"],
+                                                      r.get("variant"))]
                    for r in rows]), ""]
     errors = [(r["optimizer"], e) for r in rows for e in r.get("errors", [])]
     if errors:
@@ -620,7 +822,12 @@ def main(argv=None):
     png = args.src / f"{n}.png"
     plots = copy_plots(args.src, assets, (png.name,)) if png.exists() else []
     out += cost_section(n, found[n], args.md, plots)
-  for n in (n for n in found if n.startswith("training_")):
+  out += ablation_section({n: d for n, d in found.items()
+                           if n.startswith("training_ablation_")}, args.md, assets)
+  out += batch_section({n: d for n, d in found.items()
+                         if n.startswith("training_batch_")}, args.md, assets)
+  for n in (n for n in found if n.startswith("training_")
+            and not n.startswith(("training_ablation_", "training_batch_"))):
     out += training_section(n, found[n], args.md,
                             copy_plots(args.src, assets,
                                        found[n]["meta"].get("plots", ())))

@@ -578,6 +578,13 @@ def lr_grid(task: tasks_lib.Task, family: str, mults: Sequence[float],
   return [float(f"{task.base_lrs[family] * m:.6g}") for m in (mults if tuned else [1.0])]
 
 
+def _key_steps(result: Dict[str, Any]) -> Tuple[float, float]:
+  """Steps to target first (∞ if never), then the final loss: the selection
+  for a study whose metric is steps to target."""
+  hit = result["steps_to_target"]
+  return (math.inf if hit is None else float(hit), _key_loss(result))
+
+
 def _key_loss(result: Dict[str, Any]) -> float:
   v = result["final_train_loss"]
   return v if v is not None and math.isfinite(v) else math.inf
@@ -659,7 +666,8 @@ def summarise(task: tasks_lib.Task, names: List[str], results: List[Dict[str, An
 def run_task(task: tasks_lib.Task, names: List[str], opts: Optimizers,
              seeds: Sequence[int], mults: Sequence[float],
              lrs: Optional[Sequence[float]], block: int, clock: "Clock",
-             untuned: Sequence[str] = (), max_extend: int = 3):
+             untuned: Sequence[str] = (), max_extend: int = 3,
+             select: str = "loss"):
   """The grid on the first seed, then the best rates on the others.
 
   Each name may list alternatives (:func:`expand_alternatives`), tuned with
@@ -694,8 +702,8 @@ def run_task(task: tasks_lib.Task, names: List[str], opts: Optimizers,
     for v in tunable:
       mine = [r for r in grid_results if r["optimizer"] == v]
       tried = sorted({r["lr"] for r in mine})
-      best_lr = min(mine, key=_key_loss)["lr"]
-      if not math.isfinite(_key_loss(min(mine, key=_key_loss))) or len(tried) < 2:
+      best_lr = min(mine, key=key)["lr"]
+      if not math.isfinite(_key_loss(min(mine, key=key))) or len(tried) < 2:
         continue
       if best_lr == tried[0]:
         more.append((v, float(f"{best_lr / 3:.6g}")))
@@ -711,7 +719,7 @@ def run_task(task: tasks_lib.Task, names: List[str], opts: Optimizers,
   best, edges = {}, {}
   for n in names:
     mine = [r for r in grid_results if r["optimizer"] in variants[n]]
-    top = min(mine, key=_key_loss)
+    top = min(mine, key=key)
     best[n] = (top["optimizer"], top["lr"])
     tried = sorted({r["lr"] for r in mine if r["optimizer"] == top["optimizer"]})
     edges[n] = dict(lr_at_edge=bool(len(tried) > 1 and top["lr"] in (tried[0], tried[-1])),
@@ -890,6 +898,12 @@ def parse_args(argv):
                  help="the first tunes the rate (default 0 1 2; quick 0 1)")
   p.add_argument("--steps", type=int, default=None,
                  help="steps per run for every task (default: each task's own)")
+  p.add_argument("--select", choices=["loss", "steps"], default="loss",
+                 help="how the grid picks a rate (and variant): the lowest final "
+                      "training loss, or the fewest steps to the target (then "
+                      "the lowest loss)")
+  p.add_argument("--batch", type=int, default=None,
+                 help="batch size for every task (default: each task's own)")
   p.add_argument("--block", type=int, default=None,
                  help="steps a run takes before the next run's turn (default "
                       "min(50, steps // 10))")
@@ -925,7 +939,7 @@ def main(argv=None) -> Dict[str, Any]:
   opts = Optimizers()
   task_objs, names, skipped = [], {}, {}
   for tn in args.tasks:
-    task = tasks_lib.get_task(tn, quick=args.quick)
+    task = tasks_lib.get_task(tn, quick=args.quick, batch=args.batch)
     if args.steps:
       task = dataclasses.replace(task, steps=args.steps)
     task_objs.append(task)
@@ -962,7 +976,7 @@ def main(argv=None) -> Dict[str, Any]:
     if untuned:
       print(f"   not tuned here (base rate): {untuned}", flush=True)
     runs, rows, grid = run_task(task, mine, opts, args.seeds, args.lr_mults,
-                                args.lrs, block, clock, untuned)
+                                args.lrs, block, clock, untuned, select=args.select)
     untuned_by_task[task.name] = untuned
     all_runs += runs
     summary += rows
@@ -984,6 +998,7 @@ def main(argv=None) -> Dict[str, Any]:
       command=shlex.join(["python", "benchmarks/training.py"] + argv),
       tag=args.tag, quick=args.quick, seeds=args.seeds, lr_mults=args.lr_mults,
       lrs=args.lrs, optimizers=names, skipped=skipped, grids=grids,
+      select=args.select,
       untuned=untuned_by_task,
       smoothing_beta=SMOOTH_BETA, stop_after_nonfinite=STOP_AFTER_NONFINITE,
       peers_error=opts._peers_error,

@@ -9,7 +9,8 @@ The package is laid out as the method is:
 - :mod:`llqr_optax.structures`: structured inverse preconditioners per leaf;
 - :mod:`llqr_optax.fitting`: the LQR objective and its inner solvers;
 - :mod:`llqr_optax.transform`: the optax transform;
-  :mod:`llqr_optax.compose`: ``U`` around another optimizer's update.
+  :mod:`llqr_optax.compose`: ``U`` around another optimizer's update;
+  :mod:`llqr_optax.loop`: the fast loop (two compiled steps, no conditional).
 """
 
 from llqr_optax import exact, fitting, losses, structures
@@ -17,6 +18,7 @@ from llqr_optax.exact import cg_step, dense_step, exact_step
 from llqr_optax.geometry import (GEOMETRIES, Geometry, curvature_product,
                                  linearize, output_metric)
 from llqr_optax.compose import PreconditionBaseState, precondition_base
+from llqr_optax.loop import compile_step
 from llqr_optax.losses import Loss
 from llqr_optax.structures import STRUCTURES
 from llqr_optax.transform import (DIAGNOSTICS, LLQRState, diagnostics,
@@ -27,7 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DIAGNOSTICS", "GEOMETRIES", "Geometry", "LLQRState", "Loss",
-    "PreconditionBaseState", "STRUCTURES", "cg_step", "curvature_product",
+    "PreconditionBaseState", "STRUCTURES", "cg_step", "compile_step",
+    "curvature_product",
     "dense_step", "diagnostics", "exact", "exact_step", "find_state", "fitting",
     "linearize", "llqr", "losses", "output_metric", "precondition",
     "precondition_base", "refit_due", "scale_by_llqr", "structures"]

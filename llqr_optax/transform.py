@@ -101,6 +101,8 @@ class LLQRState(NamedTuple):
   output_scale: jax.Array
   reduction_ratio: jax.Array
   curvature_scale: jax.Array
+  refit_grad_norm: jax.Array
+  refit_requested: jax.Array
 
 
 def _is_masked(x) -> bool:
@@ -123,6 +125,15 @@ def _model_fn(apply_fn, params, full_params):
                         is_leaf=_is_masked)
     return apply_fn(full)
   return merged
+
+
+def _bare_model_fn(model_fn, wrapped):
+  """``model_fn`` of the bare params when the caller's are wrapped leaves."""
+  def bare(p):
+    if jax.tree.structure(p) == wrapped:
+      return model_fn(p)
+    return model_fn(jax.tree.unflatten(wrapped, jax.tree.leaves(p)))
+  return bare
 
 
 def _to_f32(tree):
@@ -160,7 +171,8 @@ def refit_due(state_or_step: Any, refit_every: int = _DEFAULT_REFIT_EVERY) -> bo
 
   Pass the optimizer state: the step is then llqr's own ``count``, which is
   saved with the state, so a second loop or a run resumed from a checkpoint
-  continues the schedule instead of repeating the warm-up refits. Reading
+  continues the schedule instead of repeating the warm-up refits; an early
+  refit requested by ``refit_growth`` is read from it too. Reading
   the count waits for the previous step to finish (a device-to-host copy of
   one integer); the loop needs a Python bool anyway, to pick the step.
 
@@ -188,19 +200,22 @@ def refit_due(state_or_step: Any, refit_every: int = _DEFAULT_REFIT_EVERY) -> bo
     >>> llqr_optax.refit_due(tx.init({"w": jnp.zeros(3)}))  # count 0
     True
   """
-  step = state_or_step
+  step, requested = state_or_step, False
   if not isinstance(step, (int, float, np.integer, np.floating, jax.Array,
                            np.ndarray)) and not hasattr(step, "ndim"):
-    step = _scalar(find_state(step).count)
+    found = find_state(step)
+    step = _scalar(found.count)
+    requested = _scalar(found.refit_requested)
   if not _is_concrete(step):
     raise ValueError(
         "refit_due runs on the host, between compiled steps, to pick one; it "
         "got a traced value. Call it outside jax.jit, or inside a compiled "
         "step leave refit=None: update then follows the schedule itself.")
+  requested = bool(np.asarray(requested))
   step = _static_int("step", np.asarray(step).item() if hasattr(step, "ndim")
                      else step, 0)
   refit_every = _static_int("refit_every", refit_every, 1)
-  return bool(_refit_due(np.int64(step), np.int64(refit_every)))
+  return requested or bool(_refit_due(np.int64(step), np.int64(refit_every)))
 
 
 def scale_by_llqr(
@@ -216,6 +231,7 @@ def scale_by_llqr(
     ema: float = 0.9,
     adapt_damping: bool = False,
     relative_damping: bool = False,
+    refit_growth: Optional[float] = None,
     normalize: bool = False,
     max_dim: int = 1024,
     dense_max: int = 4096,
@@ -244,6 +260,9 @@ def scale_by_llqr(
   - ``targets`` are the labels (leading axis = examples);
   - unknown extra arguments are ignored; ``full_params`` is needed under
     ``optax.masked``/``multi_transform``;
+  - ``refit_apply_fn`` and ``refit_targets`` (optional): refit on another
+    batch than the training batch, e.g. a smaller one: a refit's curvature
+    products cost in proportion to the refit batch;
   - ``refit=None`` (default) refits on the schedule, inside a ``lax.cond`` of
     the compiled step; a Python bool refits now (``True``) or not, with no
     conditional, for loops that compile two steps and pick one with
@@ -280,6 +299,13 @@ def scale_by_llqr(
       ``tr(C)/P`` (the mean eigenvalue of ``C``, from four curvature products
       that every refit makes for the ``curvature_scale`` diagnostic), so that
       one value means the same across models and training.
+    refit_growth: refit early, off the schedule, when ``‖g‖`` exceeds this
+      multiple of its value at the last refit: a preconditioner fitted where
+      the curvature was low is far too long a step where it has grown (``U``
+      goes stale faster than ``refit_every``). ``None`` refits on the
+      schedule only. With ``refit=None`` the refit happens in the same step;
+      a two-step loop refits at the next step (:func:`refit_due` reads the
+      request from the state).
     normalize: scale the output ``U(g)`` by one scalar per refit so that it
       has the size of ``g`` (``output_scale``). The next transform sets the
       step size anyway, and a steady scale keeps Adam's moment estimates valid
@@ -364,11 +390,14 @@ def scale_by_llqr(
         key=jax.random.PRNGKey(seed), damping=f32(damping), refits=i32(0),
         skipped_refits=i32(0), skipped_updates=i32(0),
         objective=f32(jnp.nan), output_scale=f32(1.0),
-        reduction_ratio=f32(jnp.nan), curvature_scale=f32(jnp.nan))
+        reduction_ratio=f32(jnp.nan), curvature_scale=f32(jnp.nan),
+        refit_grad_norm=f32(jnp.inf), refit_requested=jnp.asarray(False))
 
   def update_fn(updates, state, params=None, *, apply_fn: Optional[Callable] = None,
                 targets: Any = None, full_params: Any = None,
                 refit: Optional[bool] = None,
+                refit_apply_fn: Optional[Callable] = None,
+                refit_targets: Any = None,
                 inputs_fn: Optional[Callable[[PyTree], PyTree]] = None,
                 **extra_args):
     del extra_args
@@ -398,25 +427,42 @@ def scale_by_llqr(
         and not hasattr(targets, "dtype")):
       targets = jnp.asarray(targets)  # e.g. a list of labels
     chunks = _static_int("num_chunks", num_chunks, 1)
-    model_fn = _model_fn(apply_fn, params, full_params)
+    if refit_apply_fn is not None and not callable(refit_apply_fn):
+      raise ValueError(
+          f"refit_apply_fn={refit_apply_fn!r} must be a callable "
+          "refit_apply_fn(params) -> outputs closing over the refit batch's "
+          "inputs (with refit_targets its labels), or None to refit on the "
+          "training batch.")
+    if refit_apply_fn is None:
+      refit_apply_fn, refit_targets = apply_fn, targets
+    elif (loss_obj.check is not None and refit_targets is not None
+          and not hasattr(refit_targets, "dtype")):
+      refit_targets = jnp.asarray(refit_targets)
     # Leaves wrapped in pytree nodes (the nnx Variables of nnx.split's params)
     # are unwrapped, as in init: llqr works on the bare arrays, and calls
     # apply_fn and returns U(g) in the caller's structures.
     wrapped, out_def = jax.tree.structure(params), jax.tree.structure(updates)
+    model_fn = _bare_model_fn(_model_fn(refit_apply_fn, params, full_params),
+                              wrapped)
     params, updates = _unwrapped(params), _unwrapped(updates)
-    if jax.tree.structure(params) != wrapped:
-      bare_fn = model_fn
-      model_fn = lambda p: bare_fn(jax.tree.unflatten(wrapped, jax.tree.leaves(p)))
     grads_finite = _all_finite(updates)
     if not adapt_damping:
       # λ is the damping argument (optax.inject_hyperparams may change it),
       # not the value stored at init; adapt_damping=True evolves it in state.
       state = state._replace(damping=jnp.asarray(damping, jnp.float32))
 
+    if refit_growth is not None:
+      gnorm = jnp.sqrt(fitting.objective.tree_vdot(updates, updates))
+      grew = gnorm > refit_growth * state.refit_grad_norm
+    else:
+      grew = jnp.asarray(False)
+    # Off the schedule, for a gradient that grew (now or at the last step).
+    off_schedule = grew | state.refit_requested
+
     def do_refit(state):
       key, sub, probe_key = jax.random.split(state.key, 3)
       problem, _, loss0 = fitting.build_problem(
-          model_fn, params, targets, loss=loss_obj, geometry=geometry_obj,
+          model_fn, params, refit_targets, loss=loss_obj, geometry=geometry_obj,
           damping=0.0, num_chunks=chunks, key=sub, axis_name=axis_name)
       if inputs_fn is not None:
         problem = problem._replace(inputs=_to_f32(inputs_fn(problem.grads)))
@@ -432,11 +478,13 @@ def scale_by_llqr(
       identity = structures.identity_like(state.preconditioner)
       start = jax.tree.map(lambda s, i: jnp.where(healthy, s, i),
                            state.preconditioner, identity)
+      # A refit off the schedule, for a gradient that grew, restarts like the
+      # first: the curvature moved, so the old average is no warm start.
       result = fitting.refit(problem, start, steps=inner_steps,
                              solver=inner_solver, ema=ema,
-                             first=(state.refits == 0) | ~healthy)
+                             first=(state.refits == 0) | ~healthy | off_schedule)
       moved = jax.tree.map(lambda p, d: (p + d.astype(p.dtype)), params, result.step)
-      loss1 = loss_obj.fn(model_fn(moved), targets)
+      loss1 = loss_obj.fn(model_fn(moved), refit_targets)
       if axis_name is not None:
         loss1 = jax.lax.pmean(loss1, axis_name)
       ratio = (loss1 - loss0) / jnp.where(result.predicted < 0, result.predicted, -1.0)
@@ -464,7 +512,7 @@ def scale_by_llqr(
           curvature_scale=keep(kappa.astype(jnp.float32), state.curvature_scale))
 
     if refit is None:
-      due = _refit_due(state.count, refit_every)
+      due = _refit_due(state.count, refit_every) | off_schedule
       state = jax.lax.cond(due & grads_finite, do_refit, lambda s: s, state)
     elif refit:
       # No conditional: the caller compiled a refit step of its own.
@@ -475,6 +523,12 @@ def scale_by_llqr(
       # A refit due on a non-finite gradient is skipped too, and counted.
       state = state._replace(skipped_refits=state.skipped_refits
                              + (due & ~grads_finite).astype(jnp.int32))
+    if refit_growth is not None:
+      refitted_now = due & grads_finite if (refit is None or refit) else jnp.asarray(False)
+      state = state._replace(
+          refit_grad_norm=jnp.where(refitted_now, gnorm.astype(jnp.float32),
+                                    state.refit_grad_norm),
+          refit_requested=~refitted_now & (grew | state.refit_requested))
     out = _precondition(state, updates)
     # Nothing that is not finite leaves llqr: a non-finite gradient, or a
     # non-finite U(g) (overflow, or a corrupted state), gives a zero update.

@@ -232,3 +232,57 @@ def test_precondition_base_keeps_the_base_state_on_a_skipped_update():
     np.testing.assert_array_equal(o, n)
   with pytest.raises(ValueError, match="PreconditionBaseState"):
     tx.update(bad, state.llqr, params, apply_fn=apply_fn, targets=y)
+
+
+def test_refit_growth_refits_when_the_gradient_grows():
+  """Off the schedule: a gradient 10× the last refit's triggers a refit in the
+  same step (refit=None) or a request that refit_due reads (two steps)."""
+  x, y = _linear_problem(seed=7)
+  params = {"w": jnp.zeros((6, 1))}
+  apply_fn = lambda p: x @ p["w"]
+  tx = llqr_optax.scale_by_llqr(loss="squared_error", refit_every=1000,
+                                refit_growth=4.0)
+  grads = jax.grad(lambda p: 0.5 * jnp.mean((apply_fn(p) - y) ** 2))(params)
+  big = jax.tree.map(lambda g: 10.0 * g, grads)
+  one = jax.jit(functools.partial(tx.update, apply_fn=apply_fn, targets=y),
+                static_argnames="refit")
+  state = tx.init(params)
+  for g in (grads, grads, grads):  # refits at steps 0, 1, 2 (warm-up)
+    _, state = one(g, state, params)
+  _, state = one(grads, state, params)  # step 3: not due
+  assert int(state.refits) == 3
+  _, grown = one(big, state, params)  # grew 10×: refit now
+  assert int(grown.refits) == 4 and not bool(grown.refit_requested)
+  np.testing.assert_allclose(grown.refit_grad_norm,
+                             10 * np.sqrt(np.sum(np.square(grads["w"]))), rtol=1e-5)
+  # Two compiled steps: the ordinary step records the request, the next refits.
+  _, asked = one(big, state, params, refit=False)
+  assert int(asked.refits) == 3 and bool(asked.refit_requested)
+  assert llqr_optax.refit_due(asked, refit_every=1000)
+  _, done = one(big, asked, params, refit=True)
+  assert int(done.refits) == 4 and not bool(done.refit_requested)
+  assert not llqr_optax.refit_due(done, refit_every=1000)
+
+
+def test_refit_on_a_separate_batch():
+  """refit_apply_fn/refit_targets: the refit sees only that batch (here a
+  quarter of the training batch); the update still preconditions the
+  training gradient."""
+  x, y = _linear_problem(n=64, seed=9)
+  params = {"w": 0.1 * jnp.ones((6, 1))}
+  loss = lambda p, xb, yb: 0.5 * jnp.mean((xb @ p["w"] - yb) ** 2)
+  tx = llqr_optax.scale_by_llqr(loss="squared_error", structure="diagonal")
+  grads = jax.grad(loss)(params, x, y)
+  sub_x, sub_y = x[:16], y[:16]
+  out, state = tx.update(grads, tx.init(params), params,
+                         apply_fn=lambda p: x @ p["w"], targets=y,
+                         refit_apply_fn=lambda p: sub_x @ p["w"], refit_targets=sub_y)
+  _, ref = tx.update(jax.grad(loss)(params, sub_x, sub_y), tx.init(params), params,
+                     apply_fn=lambda p: sub_x @ p["w"], targets=sub_y)
+  np.testing.assert_allclose(state.preconditioner["w"].diag,
+                             ref.preconditioner["w"].diag, rtol=1e-6)
+  np.testing.assert_allclose(out["w"], state.preconditioner["w"].diag * grads["w"],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="refit_apply_fn=3"):
+    tx.update(grads, tx.init(params), params, apply_fn=lambda p: x @ p["w"],
+              targets=y, refit_apply_fn=3)

@@ -103,6 +103,15 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   """
   first = jnp.asarray(first)
   beta = jnp.where(first, 0.0, ema)
+  # J is homogeneous of degree 2 in the samples (gradients and inputs scaled
+  # together): the minimiser does not move when both are divided by their
+  # root-mean-square norm, and the inner products stay far from float32's
+  # range whatever the gradients' size.
+  n = jax.tree.leaves(problem.grads)[0].shape[0]
+  rms = jnp.sqrt(obj.tree_vdot(problem.grads, problem.grads) / n)
+  rms = jnp.where(jnp.isfinite(rms) & (rms > 0), rms, 1.0)
+  unit = lambda t: None if t is None else jax.tree.map(lambda x: x / rms, t)
+  problem = problem._replace(grads=unit(problem.grads), inputs=unit(problem.inputs))
   new = jax.tree.map(
       lambda x, s: structures.structure_of(s).update_statistics(s, x, beta),
       problem.samples, states)
@@ -122,8 +131,10 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   uau = obj.tree_vdot(u_bar, au_bar)
   ok = uau > 0
   alpha = jnp.where(ok, gu / jnp.where(ok, uau, 1.0), 0.0)
-  step = jax.tree.map(lambda x: -alpha * x, u_bar)
-  predicted = -0.5 * alpha * gu
+  # Back to the samples' own scale: U ḡ scales with ḡ, J and m with its square.
+  step = jax.tree.map(lambda x: -alpha * rms * x, u_bar)
+  predicted = -0.5 * alpha * gu * rms ** 2
+  value = value * rms ** 2
   uu = obj.tree_vdot(u, u)
   xx = obj.tree_vdot(problem.samples, problem.samples)
   norm_ratio = jnp.sqrt(xx / jnp.where(uu > 0, uu, 1.0))

@@ -1,0 +1,134 @@
+"""The gains study: llqr's levers as ablation rows, on every training task.
+
+Each task runs in its own process (``benchmarks/training.py --tag
+ablation_<task>``), with the protocol of the training benchmark but selected
+on the study's metric: every row's learning rate, and the options listed as
+``a|b`` alternatives, tuned on seed 0 for the fewest steps to the task's
+target (``--select steps``; the rate grid extended at its edges), the best
+run on seeds 0-2. (Selected by the final training loss instead, the MLP's
+near-zero, spiky final losses picked Adam's 3e-3 over its 1e-2, and every
+row at 1e-2 then "beat" Adam by 0.6x: an artefact of the selection.)
+Writes ``training_ablation_<task>.json`` and plots to ``--out``; then
+``benchmarks/results.py`` renders them in ``RESULTS.md``::
+
+  .venv/bin/python benchmarks/ablation.py                         # all tasks
+  .venv/bin/python benchmarks/ablation.py --tasks mnist1d_mlp --rows levers
+  .venv/bin/python benchmarks/ablation.py --rows finalists --tasks char_transformer
+
+Rows (``--rows``): ``levers`` (every lever, for the cheap tasks), ``finalists``
+(the baselines, the ceiling and the best levers, for the costly tasks).
+``--batch-sweep`` runs the large-batch regime instead: Adam, Muon, the exact
+step and llqr's finalists at batch 128, 512 and 2048 on the MLP and the
+autoencoder (``training_batch_<task>_b<batch>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+#: Baselines and the ceiling: every table carries them.
+BASELINES = (
+    "adam",
+    "sgd_momentum",
+    "muon",
+    # The limit of the geometry: the damped GGN step by 20 CG iterations a
+    # step, fed to the base (not a practical optimizer: 20 products a step).
+    "exact_ggn[damping=0.01|0.1|1.0]+adam",
+    "exact_ggn[damping=0.01|0.1|1.0]+sgd_momentum",
+)
+
+#: One row per lever (README and RESULTS.md describe each).
+LEVERS = (
+    # today's default, and the two other bases
+    "llqr+adam",
+    "llqr+sgd_momentum",
+    "llqr+muon",
+    # damping: absolute, on the curvature's scale, Levenberg-Marquardt
+    "llqr[damping=0.1]+adam",
+    "llqr[relative_damping=True,damping=10.0|100.0]+adam",
+    "llqr[adapt_damping=True]+adam",
+    # structure: coordinates mixed (not undone by Adam), before Adam / SGD-m
+    "llqr_kron[damping=0.1|1.0]+adam",
+    "llqr_kron[damping=0.1|1.0]+sgd_momentum",
+    "llqr_ekfac+adam",
+    # more samples per refit, and a fit that uses them (preconditioned CG)
+    "llqr[num_chunks=16]+adam",
+    "llqr[num_chunks=16,inner_solver=pcg,inner_steps=3]+adam",
+    "llqr_kron[num_chunks=16,inner_solver=pcg,inner_steps=3]+adam",
+    "llqr[damping=0.1|1.0,num_chunks=16,inner_solver=pcg,inner_steps=3]+sgd_momentum",
+    # refit schedule: more often, or also when the gradient grows 4x
+    "llqr[refit_every=50]+adam",
+    "llqr[refit_growth=4.0]+adam",
+    # composition: U around the base's direction (per-layer step lengths, or
+    # a Kronecker correction), at the base's overall step size
+    "llqr_scalar[compose=around,normalize=True]+adam",
+    "llqr_kron[compose=around,normalize=True]+adam",
+)
+
+#: The large-batch regime: steps to target against batch size.
+BATCH_ROWS = ("adam", "muon", "exact_ggn[damping=0.1]+adam", "llqr+adam",
+              "llqr_kron+adam", "llqr_kron[damping=0.1]+sgd_momentum")
+BATCH_SIZES = (128, 512, 2048)
+BATCH_TASKS = ("mnist1d_mlp", "mnist1d_autoencoder")
+
+FINALISTS = (
+    "llqr+adam",
+    "llqr_kron+adam",
+    "llqr_kron[damping=0.1]+sgd_momentum",
+    "llqr_scalar[compose=around,normalize=True]+adam",
+)
+
+ROWS = {"levers": BASELINES + LEVERS, "finalists": BASELINES + FINALISTS}
+DEFAULT_ROWS = {"mnist1d_mlp": "levers", "mnist1d_autoencoder": "levers",
+                "mnist1d_resnet": "finalists", "char_transformer": "finalists"}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tasks", nargs="+", default=list(DEFAULT_ROWS))
+  p.add_argument("--rows", choices=sorted(ROWS), default=None,
+                 help="the row set for every task (default: levers on the "
+                      "MNIST-1D MLP and autoencoder, finalists on the others)")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  p.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
+  p.add_argument("--batch-sweep", action="store_true",
+                 help="instead: steps to target against batch size "
+                      f"({', '.join(map(str, BATCH_SIZES))}) on "
+                      f"{', '.join(BATCH_TASKS)} for {len(BATCH_ROWS)} rows")
+  p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                 help="passed on to training.py (e.g. --steps 300)")
+  args = p.parse_args(argv)
+  t0 = time.perf_counter()
+  if args.batch_sweep:
+    for task in BATCH_TASKS:
+      for batch in BATCH_SIZES:
+        cmd = [sys.executable, str(_ROOT / "benchmarks" / "training.py"),
+               "--tasks", task, "--batch", str(batch),
+               "--tag", f"batch_{task}_b{batch}", "--out", str(args.out),
+               "--seeds", *map(str, args.seeds), "--tune-all", "--select", "steps",
+               "--optimizers", ",".join(BATCH_ROWS), *args.extra]
+        print(f"== {task}, batch {batch} [{(time.perf_counter() - t0) / 60:.1f} min]",
+              flush=True)
+        subprocess.run(cmd, check=True)
+    print(f"batch sweep done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    return
+  for task in args.tasks:
+    rows = ROWS[args.rows or DEFAULT_ROWS.get(task, "finalists")]
+    cmd = [sys.executable, str(_ROOT / "benchmarks" / "training.py"),
+           "--tasks", task, "--tag", f"ablation_{task}", "--out", str(args.out),
+           "--seeds", *map(str, args.seeds), "--tune-all", "--select", "steps",
+           "--optimizers", ",".join(rows), *args.extra]
+    print(f"== {task}: {len(rows)} rows [{(time.perf_counter() - t0) / 60:.1f} min]",
+          flush=True)
+    subprocess.run(cmd, check=True)  # a process per task: compiled code is freed
+  print(f"ablation done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+  main()

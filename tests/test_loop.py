@@ -1,0 +1,63 @@
+"""compile_step: two compiled steps on llqr's schedule, counted on the host."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import llqr_optax
+
+X = jax.random.normal(jax.random.key(0), (32, 5))
+Y = jnp.sin(X @ jnp.arange(1.0, 6.0))[:, None]
+TX = optax.chain(llqr_optax.llqr(loss="squared_error", refit_every=4), optax.adam(1e-2))
+
+
+def init():
+  return {"w": 0.1 * jax.random.normal(jax.random.key(1), (5, 8)),
+          "v": 0.1 * jax.random.normal(jax.random.key(2), (8, 1))}
+
+
+def model(p, x):
+  return jnp.tanh(x @ p["w"]) @ p["v"]
+
+
+traces = []
+
+
+def train_step(params, opt_state, x, y, refit=None):
+  traces.append(refit)
+  apply_fn = lambda p: model(p, x)
+  grads = jax.grad(lambda p: 0.5 * jnp.mean((apply_fn(p) - y) ** 2))(params)
+  updates, opt_state = TX.update(grads, opt_state, params, apply_fn=apply_fn,
+                                 targets=y, refit=refit)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def test_compile_step_equals_the_one_step_schedule_and_compiles_twice():
+  traces.clear()
+  step = llqr_optax.compile_step(train_step, refit_every=4)
+  one = jax.jit(train_step)
+  p1 = p2 = init()
+  s1 = s2 = TX.init(p1)
+  for _ in range(11):
+    p1, s1 = step(p1, s1, X, Y)
+    p2, s2 = one(p2, s2, X, Y)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  # refits at 0, 1, 2, 4, 8: both schedules; two compilations plus the cond one
+  assert int(llqr_optax.find_state(s1).refits) == 5 == int(llqr_optax.find_state(s2).refits)
+  assert sorted(traces, key=str) == [False, None, True]
+  assert step.count == 11
+
+
+def test_compile_step_reads_the_count_of_a_restored_state():
+  step = llqr_optax.compile_step(train_step, refit_every=4)
+  params, state = init(), TX.init(init())
+  for _ in range(6):
+    params, state = step(params, state, X, Y)
+  restored = jax.tree.map(jnp.copy, state)  # e.g. from a checkpoint: a new object
+  fresh = llqr_optax.compile_step(train_step, refit_every=4)
+  _, after = fresh(params, restored, X, Y)
+  assert fresh.count == 7
+  # step 6 is not a refit step: resuming does not repeat the warm-up refits
+  assert int(llqr_optax.find_state(after).refits) == int(llqr_optax.find_state(state).refits)
