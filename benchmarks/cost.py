@@ -86,11 +86,22 @@ class CNN(nn.Module):
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
-def tasks(quick):
-  out = {"mnist1d_mlp_40-100-100-10": MLP((100, 100))}
+def tasks(quick, realistic=False):
+  """``name -> (model, batch, data)``: data ``None`` is MNIST-1D; otherwise a
+  ``(seed, n) -> (xs, ys)`` batch generator of ``benchmarks/tasks.py``."""
+  out = {"mnist1d_mlp_40-100-100-10": (MLP((100, 100)), 128, None)}
   if not quick:
-    out["mnist1d_mlp_40-512-512-10"] = MLP((512, 512))
-    out["mnist1d_cnn_conv32x2"] = CNN()
+    out["mnist1d_mlp_40-512-512-10"] = (MLP((512, 512)), 128, None)
+    out["mnist1d_cnn_conv32x2"] = (CNN(), 128, None)
+  if realistic:
+    # Models whose Adam step takes >= 5 ms on a 2-core CPU.
+    from benchmarks import tasks as tasks_lib
+    lm = tasks_lib.get_task("char_transformer")
+    out["mnist1d_mlp_40-1024-1024-10_b512"] = (MLP((1024, 1024)), 512, None)
+    out["mnist1d_resnet_c32"] = (tasks_lib.ResNet1D(channels=32, blocks=2), 128, None)
+    out["char_transformer_d64"] = (
+        tasks_lib.CharTransformer(lm.info["vocab"], lm.info["context"], 64, 4, 2),
+        32, lm.batches)
   return out
 
 
@@ -100,6 +111,7 @@ def nbytes(tree):
 
 
 def loss_fn(logits, y):
+  """Mean softmax cross-entropy over every leading axis (tokens included)."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
@@ -306,6 +318,15 @@ def main(argv=None):
                       help="hidden widths of the refit sweep (default 25 … 800)")
   parser.add_argument("--candidates", action="store_true",
                       help="also measure cheaper llqr settings on the MLP")
+  parser.add_argument("--realistic", action="store_true",
+                      help="also models whose Adam step takes >= 5 ms on this "
+                           "CPU: MLP 40-1024-1024-10 at batch 512, the 1-D "
+                           "ResNet at 32 channels, the char Transformer at d 64")
+  parser.add_argument("--configs", nargs="*", default=[],
+                      help="llqr settings (keyword arguments as Python source) "
+                           "also measured on every task in the fast loop")
+  parser.add_argument("--no-sweep", action="store_true",
+                      help="skip the refit-cost sweep over batch size and width")
   parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
   args = parser.parse_args(argv)
   repeats = args.repeats or (2 if args.quick else 7)
@@ -320,9 +341,13 @@ def main(argv=None):
 
   report = dict(tasks=[], refit_scaling=[], candidates={})
   default_mlp = None
-  for name, model in tasks(args.quick).items():
+  for name, (model, batch, source) in tasks(args.quick, args.realistic).items():
     log(f"task {name}")
-    batches = make_batches(data, 128, 8)
+    if source is None:
+      batches = make_batches(data, batch, 8)
+    else:
+      xs, ys = source(0, 8)
+      batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in zip(xs, ys)]
     params = model.init(jax.random.PRNGKey(0), batches[0][0])
     memory = memory_report(params)
     log("  memory (state/params): " + ", ".join(
@@ -330,10 +355,15 @@ def main(argv=None):
     overhead = measure(model, params, batches, {}, repeats, log, "defaults")
     static = measure(model, params, batches, {}, repeats, log,
                      "defaults, two compiled steps (refit=True/False)", static=True)
+    configs = {}
+    for cname in args.configs:
+      kw = eval(f"dict({cname})", {"llqr_optax": llqr_optax})  # noqa: S307
+      configs[cname] = measure(model, params, batches, kw, repeats, log,
+                               f"{cname}, two compiled steps", static=True)
     report["tasks"].append(dict(
-        task=name, batch=128, params=int(sum(x.size for x in jax.tree.leaves(params))),
+        task=name, batch=batch, params=int(sum(x.size for x in jax.tree.leaves(params))),
         memory=memory, compile_seconds=overhead["compile_seconds"], overhead=overhead,
-        overhead_static_refit=static))
+        overhead_static_refit=static, configs=configs))
     if default_mlp is None:
       default_mlp = overhead
       if args.candidates:
@@ -342,7 +372,8 @@ def main(argv=None):
                                                 log, cname)
 
   log("refit cost vs batch size and width (MLP 40-w-w-10)")
-  for axis, values in (("batch", batches_sweep), ("width", widths_sweep)):
+  sweep = () if args.no_sweep else (("batch", batches_sweep), ("width", widths_sweep))
+  for axis, values in sweep:
     for v in values:
       batch, width = (v, 100) if axis == "batch" else (128, v)
       if batch == 128 and width == 100:

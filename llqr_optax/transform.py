@@ -76,6 +76,11 @@ class LLQRState(NamedTuple):
     curvature_scale: ``κ``, Hutchinson's estimate of ``tr(C)/P`` (the mean
       eigenvalue of ``C``) at the last refit, ``nan`` before it; with
       ``relative_damping=True`` the damping is ``λ = damping · κ``.
+    refit_grad_norm: ``‖g‖`` at the last refit (0 before it, and always
+      without ``refit_growth``).
+    refit_requested: whether a step's gradient grew past ``refit_growth ·
+      refit_grad_norm`` without a refit: a two-step loop refits next
+      (:func:`refit_due` reads it).
 
   Example:
     >>> import jax.numpy as jnp, optax, llqr_optax
@@ -278,8 +283,10 @@ def scale_by_llqr(
       :class:`~llqr_optax.geometry.Geometry`.
     structure: ``"auto"``, ``"scalar"``, ``"diagonal"``, ``"kronecker"``,
       ``"ekfac"``, ``"dense"``, a pytree of names matching params, or a
-      callable ``(path, shape) -> name``. ``"auto"`` uses ``"diagonal"`` for
-      vectors and :data:`~llqr_optax.structures.AUTO_MATRIX` for matrices.
+      callable ``(path, shape) -> name``. ``"auto"`` uses ``"dense"`` for
+      leaves of at most :data:`~llqr_optax.structures.AUTO_DENSE_MAX`
+      elements, ``"diagonal"`` for other vectors and
+      :data:`~llqr_optax.structures.AUTO_MATRIX` for matrices.
     damping: ``λ > 0`` added to the curvature.
     refit_every: refit period in steps (after the warm-up refits at steps 0,
       1, 2, 4, …). A refit costs about ``num_chunks · (inner_steps + 3)``
@@ -391,7 +398,7 @@ def scale_by_llqr(
         skipped_refits=i32(0), skipped_updates=i32(0),
         objective=f32(jnp.nan), output_scale=f32(1.0),
         reduction_ratio=f32(jnp.nan), curvature_scale=f32(jnp.nan),
-        refit_grad_norm=f32(jnp.inf), refit_requested=jnp.asarray(False))
+        refit_grad_norm=f32(0.0), refit_requested=jnp.asarray(False))
 
   def update_fn(updates, state, params=None, *, apply_fn: Optional[Callable] = None,
                 targets: Any = None, full_params: Any = None,
@@ -453,7 +460,7 @@ def scale_by_llqr(
 
     if refit_growth is not None:
       gnorm = jnp.sqrt(fitting.objective.tree_vdot(updates, updates))
-      grew = gnorm > refit_growth * state.refit_grad_norm
+      grew = (state.refit_grad_norm > 0) & (gnorm > refit_growth * state.refit_grad_norm)
     else:
       grew = jnp.asarray(False)
     # Off the schedule, for a gradient that grew (now or at the last step).

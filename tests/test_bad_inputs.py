@@ -202,8 +202,8 @@ CASES = [
      update(grads=jax.tree.map(lambda x: jnp.zeros(x.shape + (1,)), params_())),
      r"the gradient leaf \['l0'\]\['b'\] has shape \(8, 1\), params has \(8,\)"),
     ("state of other params", update(state=other_state()),
-     r"the llqr state's preconditioner for leaf \['l0'\]\['b'\] is DiagonalState\[\(9,\)\], "
-     r"but this configuration makes DiagonalState\[\(8,\)\]"),
+     r"the llqr state's preconditioner for leaf \['l0'\]\['b'\] is DenseState\[\(9, 9\)\], "
+     r"but this configuration makes DenseState\[\(8, 8\)\]"),
     ("state of another structure", update({"structure": "kronecker"}, state=llqr_optax.llqr(
         loss=LOSS, structure="diagonal").init(params_())),
      r"preconditioner for leaf \['l0'\]\['w'\] is DiagonalState\[\(6, 8\)\], but this "

@@ -200,8 +200,8 @@ def test_precondition_base_scalar_is_the_best_step_along_the_base_direction():
   c = np.asarray(x.T @ x / x.shape[0])
   lam = 0.1
   tx = llqr_optax.precondition_base(optax.sgd(0.3), loss="squared_error",
-                                    structure="scalar", damping=lam,
-                                    num_chunks=4, ema=0.0)
+                                    damping=lam, num_chunks=4, ema=0.0,
+                                    normalize=False)
   state = tx.init(params)
   loss = lambda p: 0.5 * jnp.mean((apply_fn(p) - y) ** 2)
   grads = jax.grad(loss)(params)

@@ -147,15 +147,27 @@ def test_ekfac_side_above_max_dim_is_identity_basis():
 
 
 def test_vector_leaf_falls_back_to_diagonal():
-  params = {"b": jnp.zeros(7), "w": jnp.zeros((3, 7))}
+  params = {"b": jnp.zeros(70), "w": jnp.zeros((3, 70))}
   for name in ("kronecker", "ekfac", "auto"):
     states = structures.init(params, name)
     assert isinstance(states["b"], DiagonalState), name
-    assert states["b"].diag.shape == (7,)
+    assert states["b"].diag.shape == (70,)
   auto = structures.init(params, "auto")["w"]
   assert structures.structure_of(auto).name == structures.AUTO_MATRIX
   assert isinstance(structures.init(params, "kronecker")["w"], KroneckerState)
   assert isinstance(structures.init(params, "ekfac")["w"], EigenKroneckerState)
+
+
+def test_auto_is_dense_on_tiny_leaves():
+  """Leaves of at most AUTO_DENSE_MAX elements get a dense U under "auto"."""
+  n = structures.AUTO_DENSE_MAX
+  params = {"tiny": jnp.zeros(n), "small": jnp.zeros((2, n // 2)),
+            "vector": jnp.zeros(n + 1), "matrix": jnp.zeros((2, n))}
+  names = structures.leaf_names("auto", params)
+  assert names == {"tiny": "dense", "small": "dense", "vector": "diagonal",
+                   "matrix": structures.AUTO_MATRIX}
+  # dense_max below the threshold wins: never a dense U it forbids
+  assert structures.leaf_names("auto", params, dense_max=4)["tiny"] == "diagonal"
 
 
 @pytest.mark.parametrize("name", list(structures.STRUCTURES))
@@ -186,8 +198,8 @@ PARAMS = {"conv": jnp.zeros((3, 3, 2, 4)), "dense": {"b": jnp.zeros(5),
 def test_leaf_names_from_a_string():
   auto = structures.AUTO_MATRIX  # what "auto" picks for matrices and kernels
   assert auto in structures.STRUCTURES
-  assert structures.leaf_names("auto", PARAMS) == {
-      "conv": auto, "dense": {"b": "diagonal", "w": auto}}
+  assert structures.leaf_names("auto", PARAMS) == {  # b is tiny: dense
+      "conv": auto, "dense": {"b": "dense", "w": auto}}
   assert structures.leaf_names("kronecker", PARAMS) == {
       "conv": "kronecker", "dense": {"b": "diagonal", "w": "kronecker"}}
   assert structures.leaf_names("ekfac", PARAMS) == {

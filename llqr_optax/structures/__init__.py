@@ -40,6 +40,10 @@ assert len(_BY_FIELDS) == len(STRUCTURES)
 
 #: What ``structure="auto"`` picks for a leaf with at least two axes.
 AUTO_MATRIX = "diagonal"
+#: ``structure="auto"`` gives leaves of at most this many elements a dense
+#: ``U`` (at most 256 floats): coupled coordinates of tiny leaves, e.g. the two
+#: of the Rosenbrock valley, are not served by a diagonal.
+AUTO_DENSE_MAX = 16
 
 StructureSpec = Union[str, PyTree, Callable[[Tuple[Any, ...], Tuple[int, ...]], str]]
 
@@ -136,6 +140,8 @@ def _resolve(name: Any, path, shape, *, max_dim: int, dense_max: int,
         f"structure={name!r} {where} is unknown; choose one of "
         f"{['auto'] + list(STRUCTURES)}.")
   if name == "auto":
+    if math.prod(shape) <= min(AUTO_DENSE_MAX, dense_max):
+      return "dense"
     return "diagonal" if len(shape) <= 1 else AUTO_MATRIX
   if name in ("kronecker", "ekfac") and len(shape) <= 1:
     return "diagonal"  # vectors (biases, norms) fall back to diagonal
@@ -161,7 +167,8 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
   """The structure name chosen for every leaf of ``params``.
 
   Args:
-    structure: one name for every leaf (``"auto"`` picks ``diagonal`` for
+    structure: one name for every leaf (``"auto"`` picks ``dense`` for leaves
+      of at most :data:`AUTO_DENSE_MAX` elements, ``diagonal`` for other
       vectors and :data:`AUTO_MATRIX` for matrices and conv kernels); a pytree
       of names with the structure of ``params``; or a callable
       ``(path, shape) -> name``.
@@ -183,8 +190,9 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
 
   Example:
     >>> import jax.numpy as jnp
-    >>> leaf_names("auto", {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
-    {'b': 'diagonal', 'w': 'diagonal'}
+    >>> leaf_names("auto", {"w": jnp.zeros((30, 20)), "b": jnp.zeros(20),
+    ...                     "scale": jnp.zeros(4)})
+    {'b': 'diagonal', 'scale': 'dense', 'w': 'diagonal'}
     >>> leaf_names("kronecker", {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
     {'b': 'diagonal', 'w': 'kronecker'}
     >>> leaf_names(lambda path, shape: "scalar" if len(shape) == 1 else "ekfac",
@@ -355,7 +363,7 @@ def map_states(fn: Callable[[type, Any], Any], states: PyTree) -> PyTree:
 
 
 __all__ = [
-    "AUTO_MATRIX", "STRUCTURES", "Structure", "Scalar", "ScalarState",
+    "AUTO_DENSE_MAX", "AUTO_MATRIX", "STRUCTURES", "Structure", "Scalar", "ScalarState",
     "Diagonal", "DiagonalState", "Kronecker", "KroneckerState", "EigenKronecker",
     "EigenKroneckerState", "Dense", "DenseState", "apply", "identity_like", "init",
     "leaf_names", "restore_types",
