@@ -674,7 +674,10 @@ def run_task(task: tasks_lib.Task, names: List[str], opts: Optimizers,
   the rate. When the best rate of a variant lies at an edge of the rates
   tried, the grid is extended by a factor 3 beyond it, up to ``max_extend``
   times, until it does not (``lr_at_edge`` says if it still does).
+  ``select="loss"`` picks the lowest final training loss, ``"steps"`` the
+  fewest steps to the target (then the lowest loss).
   """
+  key = _key_steps if select == "steps" else _key_loss
   steps = task.steps
   results: List[Dict[str, Any]] = []
   variants = {n: expand_alternatives(n) for n in names}
