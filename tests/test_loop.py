@@ -61,3 +61,21 @@ def test_compile_step_reads_the_count_of_a_restored_state():
   assert fresh.count == 7
   # step 6 is not a refit step: resuming does not repeat the warm-up refits
   assert int(llqr_optax.find_state(after).refits) == int(llqr_optax.find_state(state).refits)
+
+
+def test_the_ordinary_step_only_applies_u_and_checks_it():
+  """Between refits (refit=False) llqr's compiled update holds no model pass
+  (no dot), no conditional or loop, no host transfer, and at most one
+  reduction per leaf (the finite check of U(g)): one multiply per parameter
+  for a diagonal U, plus that check."""
+  params = {"w": jnp.zeros((40, 100)), "b": jnp.zeros(100), "v": jnp.zeros((100, 10))}
+  x, y = jnp.ones((32, 40)), jnp.zeros(32, jnp.int32)
+  apply_fn = lambda p: jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+  tx = llqr_optax.scale_by_llqr(loss="softmax_cross_entropy", structure="diagonal")
+  step = jax.jit(lambda g, s: tx.update(g, s, params, apply_fn=apply_fn, targets=y,
+                                        refit=False))
+  hlo = step.lower(params, tx.init(params)).compile().as_text()
+  for op in ("conditional", "while", " dot(", "custom-call", "outfeed", "infeed",
+             "send(", "recv("):
+    assert op not in hlo, op
+  assert 1 <= hlo.count(" reduce(") <= len(jax.tree.leaves(params))
