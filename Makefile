@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 
 # The docstring examples run in their own pytest process, before the suite:
 # some test modules enable float64 globally, which the examples must not see.
+# The suite runs on two worker processes (pytest-xdist), a test file per
+# worker at a time (module fixtures run once); `pytest -n 0` runs it in one.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules llqr_optax
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py

@@ -787,9 +787,14 @@ def environment_section(found: Dict[str, Dict[str, Any]]) -> List[str]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--in", dest="src", type=Path,
-                      default=_ROOT / "benchmarks" / "out",
-                      help="folder with quality.json, demo.json, sweep.json, training_*.json")
+  parser.add_argument("--in", dest="src", type=Path, nargs="+",
+                      default=[_ROOT / "benchmarks" / "out",
+                               _ROOT / "benchmarks" / "results" / "data"],
+                      help="folders with quality.json, demo.json, sweep.json, "
+                           "training_*.json, cost*.json; a name found in an "
+                           "earlier folder wins (default: benchmarks/out, the "
+                           "scripts' output, then benchmarks/results/data, the "
+                           "committed results)")
   parser.add_argument("--md", type=Path, default=_ROOT / "benchmarks" / "RESULTS.md",
                       help="the Markdown file to write")
   parser.add_argument("--assets", type=Path, default=None,
@@ -798,11 +803,17 @@ def main(argv=None):
   args = parser.parse_args(argv)
   assets = args.assets or args.md.parent / "results"
 
-  found = {n: d for n in ("quality", "demo", "sweep")
-           if (d := load(args.src, n)) is not None}
-  for pattern in ("cost*.json", "training_*.json"):
-    for path in sorted(args.src.glob(pattern)):
-      found[path.stem] = json.loads(path.read_text())
+  found, origin = {}, {}
+  for src in args.src:
+    for pattern in ("quality.json", "demo.json", "sweep.json", "cost*.json",
+                    "training_*.json"):
+      for path in sorted(src.glob(pattern)):
+        if path.stem not in found:
+          found[path.stem] = json.loads(path.read_text())
+          origin[path.stem] = src
+  order = ["quality", "demo", "sweep"]
+  found = dict(sorted(found.items(), key=lambda kv: (
+      order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
   if not found:
     parser.error(f"no quality.json, demo.json, sweep.json or training_*.json "
                  f"in {args.src}")
@@ -812,15 +823,14 @@ def main(argv=None):
          + ". Do not edit by hand: rerun the commands below, then this script.", ""]
   if "quality" in found:
     out += quality_section(found["quality"], args.md,
-                           copy_plots(args.src, assets, PLOTS["quality"]))
+                           copy_plots(origin["quality"], assets, PLOTS["quality"]))
   if "demo" in found:
     out += demo_section(found["demo"], args.md,
-                        copy_plots(args.src, assets, PLOTS["demo"]))
+                        copy_plots(origin["demo"], assets, PLOTS["demo"]))
   if "sweep" in found:
     out += sweep_section(found["sweep"])
   for n in (n for n in found if n.startswith("cost")):
-    png = args.src / f"{n}.png"
-    plots = copy_plots(args.src, assets, (png.name,)) if png.exists() else []
+    plots = copy_plots(origin[n], assets, (f"{n}.png",))
     out += cost_section(n, found[n], args.md, plots)
   out += ablation_section({n: d for n, d in found.items()
                            if n.startswith("training_ablation_")}, args.md, assets)
@@ -829,7 +839,7 @@ def main(argv=None):
   for n in (n for n in found if n.startswith("training_")
             and not n.startswith(("training_ablation_", "training_batch_"))):
     out += training_section(n, found[n], args.md,
-                            copy_plots(args.src, assets,
+                            copy_plots(origin[n], assets,
                                        found[n]["meta"].get("plots", ())))
   out += environment_section(found)
   args.md.parent.mkdir(parents=True, exist_ok=True)

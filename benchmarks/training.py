@@ -913,8 +913,12 @@ def parse_args(argv):
   p.add_argument("--tune-all", action="store_true",
                  help="tune llqr on every task (by default, on the ResNet and the "
                       "Transformer, llqr runs at its base optimizer's base rate)")
+  p.add_argument("--max-extend", type=int, default=None,
+                 help="how many times a rate grid may grow past an edge where "
+                      "its best rate lies, by a factor 3 each (default 3; quick 0)")
   p.add_argument("--quick", action="store_true",
-                 help="tiny models, 40 steps, 2 rates, 2 seeds: seconds per task")
+                 help="tiny models, 40 steps, 2 rates, 2 seeds, no grid "
+                      "extension: seconds per task")
   p.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
   p.add_argument("--tag", default="main",
                  help="names the output: training_<tag>.json (default main)")
@@ -925,6 +929,8 @@ def parse_args(argv):
                      for n in split_names(a)]
   args.lr_mults = args.lr_mults or ([0.3, 1.0] if args.quick else list(LR_MULTS))
   args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+  if args.max_extend is None:
+    args.max_extend = 0 if args.quick else 3
   if args.steps is not None and args.steps < 2:
     p.error("--steps must be at least 2 (the first step compiles)")
   return args
@@ -979,7 +985,8 @@ def main(argv=None) -> Dict[str, Any]:
     if untuned:
       print(f"   not tuned here (base rate): {untuned}", flush=True)
     runs, rows, grid = run_task(task, mine, opts, args.seeds, args.lr_mults,
-                                args.lrs, block, clock, untuned, select=args.select)
+                                args.lrs, block, clock, untuned,
+                                max_extend=args.max_extend, select=args.select)
     untuned_by_task[task.name] = untuned
     all_runs += runs
     summary += rows
