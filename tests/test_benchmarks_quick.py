@@ -114,3 +114,17 @@ def test_products_per_fit_counts_curvature_products():
     # Each matvec call is vmapped over the n_c samples.
     assert len(calls) * n_c == quality.products_per_fit(
         structure, solver, steps, 2, n_c, params), (structure, solver, steps)
+
+
+def test_results_update_keeps_the_other_sections():
+  old = ("# Benchmark results\n\nGenerated from `a.json`.\n\n## A\n\nold a\n\n## B\n\nkept\n\n"
+         "## Machine, versions, seeds\n\n|  | a.json |\n| --- | --- |\n| jax | `1` |\n")
+  new = ("# Benchmark results\n\nGenerated from `c.json`.\n\n## A\n\nnew a\n\n## C\n\nadded\n\n"
+         "## Machine, versions, seeds\n\n|  | c.json |\n| --- | --- |\n| jax | `2` |\n"
+         "| git | `x` |\n")
+  text = results.merge_into(old, new)
+  heads = [line for line in text.splitlines() if line.startswith("## ")]
+  assert heads == ["## A", "## B", "## C", "## Machine, versions, seeds"]
+  assert "new a" in text and "old a" not in text and "kept" in text
+  assert "`a.json`, `c.json`" in text.splitlines()[2]
+  assert "| jax | `1` | `2` |" in text and "| git | – | `x` |" in text
