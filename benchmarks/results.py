@@ -669,8 +669,11 @@ def batch_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) -> Li
     for r in t["summary"]:
       points.setdefault(task["name"], {}).setdefault(r["optimizer"], {})[
           task["batch_size"]] = r
+  steps = sorted({t["tasks"][0]["steps"] for t in runs.values()})
+  extra = f" --extra --steps {steps[0]}" if len(steps) == 1 else ""
   out = ["## The large-batch regime: steps to target against batch size", "",
-         "Command: `python benchmarks/ablation.py --batch-sweep` (a "
+         f"Command: `python benchmarks/ablation.py --batch-sweep{extra}` "
+         f"({'/'.join(map(str, steps))} steps per run; a "
          "`benchmarks/training.py --batch B` process per task and batch; each "
          "row's rate tuned at each batch size on seed 0, median over seeds "
          f"{next(iter(runs.values()))['meta']['seeds']}; same target loss and "
