@@ -98,13 +98,6 @@ def merge_into(old: str, new: str) -> str:
   return preamble + "".join(merged.values()) + env_block
 
 
-def load(folder: Path, name: str) -> Optional[Dict[str, Any]]:
-  path = folder / f"{name}.json"
-  if not path.exists():
-    return None
-  return json.loads(path.read_text())
-
-
 def copy_plots(src: Path, assets: Path, names: Sequence[str]) -> List[Path]:
   copied = []
   for n in names:
