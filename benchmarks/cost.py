@@ -269,10 +269,14 @@ def plot(report, path):
   ax = axes[0, 1]
   labels, ratios, ordinary = [], [], []
   for t in report["tasks"]:
-    for key, tag in (("overhead", ""), ("overhead_static_refit", " (2 steps)")):
+    rows = [("", t["overhead"]), (" (2 steps)", t["overhead_static_refit"])]
+    rows += [(f" {k}", o) for k, o in t.get("configs", {}).items()]
+    for tag, o in rows:
+      if o is None:
+        continue
       labels.append(t["task"].replace("mnist1d_", "") + tag)
-      ratios.append(t[key]["ratio_mean"])
-      ordinary.append(t[key]["ratio_ordinary_step"])
+      ratios.append(o["ratio_mean"])
+      ordinary.append(o["ratio_ordinary_step"])
   for name, c in report.get("candidates", {}).items():
     labels.append(name)
     ratios.append(c["ratio_mean"])
@@ -290,6 +294,9 @@ def plot(report, path):
   for ax, key, xlabel in ((axes[1, 0], "batch", "batch size"),
                           (axes[1, 1], "width", "hidden width")):
     pts = [p for p in report["refit_scaling"] if p["axis"] == key]
+    if not pts:
+      ax.set_axis_off()
+      continue
     xs = [p[key] for p in pts]
     ax.plot(xs, [p["refit_extra_ms"] for p in pts], "o-", label="refit extra (ms)")
     ax.plot(xs, [p["ms_step_adam_synced"] for p in pts], "s--", label="adam step (ms)")
@@ -325,6 +332,11 @@ def main(argv=None):
   parser.add_argument("--configs", nargs="*", default=[],
                       help="llqr settings (keyword arguments as Python source) "
                            "also measured on every task in the fast loop")
+  parser.add_argument("--tasks", nargs="*", default=None,
+                      help="measure only the tasks whose names contain one of "
+                           "these strings (default: every task of the mode)")
+  parser.add_argument("--one-step", choices=("yes", "no"), default="yes",
+                      help="also measure the one-step lax.cond loop (default yes)")
   parser.add_argument("--no-sweep", action="store_true",
                       help="skip the refit-cost sweep over batch size and width")
   parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
@@ -342,6 +354,8 @@ def main(argv=None):
   report = dict(tasks=[], refit_scaling=[], candidates={})
   default_mlp = None
   for name, (model, batch, source) in tasks(args.quick, args.realistic).items():
+    if args.tasks and not any(t in name for t in args.tasks):
+      continue
     log(f"task {name}")
     if source is None:
       batches = make_batches(data, batch, 8)
@@ -352,7 +366,8 @@ def main(argv=None):
     memory = memory_report(params)
     log("  memory (state/params): " + ", ".join(
         f"{k} {v:.2f}" for k, v in memory.items() if isinstance(v, float) and k != "params_bytes"))
-    overhead = measure(model, params, batches, {}, repeats, log, "defaults")
+    overhead = (measure(model, params, batches, {}, repeats, log, "defaults")
+                if args.one_step == "yes" else None)
     static = measure(model, params, batches, {}, repeats, log,
                      "defaults, two compiled steps (refit=True/False)", static=True)
     configs = {}
@@ -362,10 +377,11 @@ def main(argv=None):
                                f"{cname}, two compiled steps", static=True)
     report["tasks"].append(dict(
         task=name, batch=batch, params=int(sum(x.size for x in jax.tree.leaves(params))),
-        memory=memory, compile_seconds=overhead["compile_seconds"], overhead=overhead,
+        memory=memory, compile_seconds=(overhead or static)["compile_seconds"],
+        overhead=overhead,
         overhead_static_refit=static, configs=configs))
-    if default_mlp is None:
-      default_mlp = overhead
+    if default_mlp is None and name == "mnist1d_mlp_40-100-100-10":
+      default_mlp = overhead or static
       if args.candidates:
         for cname, kw in CANDIDATES.items():
           report["candidates"][cname] = measure(model, params, batches, kw, repeats,
@@ -376,7 +392,7 @@ def main(argv=None):
   for axis, values in sweep:
     for v in values:
       batch, width = (v, 100) if axis == "batch" else (128, v)
-      if batch == 128 and width == 100:
+      if batch == 128 and width == 100 and default_mlp is not None:
         res = default_mlp  # the MLP task's default point, already measured
       else:
         model = MLP((width, width))
@@ -410,14 +426,19 @@ def main(argv=None):
   print(f"{'task':32s} {'llqr/adam':>9s} {'ordinary':>8s} {'refit ms':>8s} "
         f"{'static: llqr/adam':>17s} {'refit ms':>8s} "
         f"{'compile llqr/adam s':>20s}  state/params: " + " ".join(STRUCTURES))
+  nan = dict(ratio_mean=math.nan, ratio_ordinary_step=math.nan, refit_extra_ms=math.nan)
   for t in report["tasks"]:
-    o, st = t["overhead"], t["overhead_static_refit"]
+    st = t["overhead_static_refit"]
+    o = t["overhead"] or nan
     mem = " ".join(f"{t['memory'][s]:.2f}" if t["memory"][s] is not None else "-"
                    for s in STRUCTURES)
     print(f"{t['task']:32s} {o['ratio_mean']:9.2f} {o['ratio_ordinary_step']:8.2f} "
           f"{o['refit_extra_ms']:8.1f} {st['ratio_mean']:17.2f} {st['refit_extra_ms']:8.1f} "
-          f"{o['compile_seconds']['llqr+adam']:10.2f}/"
-          f"{o['compile_seconds']['adam']:.2f}  {mem}")
+          f"{t['compile_seconds']['llqr+adam']:10.2f}/"
+          f"{t['compile_seconds']['adam']:.2f}  {mem}")
+    for cname, c in t.get("configs", {}).items():
+      print(f"{'  ' + cname:32s} {'':9s} {c['ratio_ordinary_step']:8.2f} {'':8s} "
+            f"{c['ratio_mean']:17.2f} {c['refit_extra_ms']:8.1f}")
   for cname, c in report["candidates"].items():
     print(f"{'MLP ' + cname:32s} {c['ratio_mean']:9.2f} {c['ratio_ordinary_step']:8.2f} "
           f"{c['refit_extra_ms']:8.1f}")

@@ -369,12 +369,14 @@ def products_per_fit(structure: str, solver: str, steps: int, refits: int,
 
   Per refit (see ``llqr_optax.fitting.refit``): the first one's best-scale
   rescale (``n_c``), per block ``n_c`` for the gradient plus ``n_c`` per CG
-  step (``n_c`` per SGD step), and the final evaluation (``n_c``).
+  step (``n_c`` per SGD step), and the final evaluation (``n_c``), which a
+  single-block structure fitted by CG takes from the fit's own products.
   """
   states = structures.init(params, structure)
   blocks = fitting.objective.num_blocks(states)
   per_block = (1 + steps) if solver in ("cg", "pcg") else steps
-  per_refit = blocks * per_block + 1
+  tracked = blocks == 1 and solver in ("cg", "pcg")
+  per_refit = blocks * per_block + (0 if tracked else 1)
   return num_chunks * (refits * per_refit + 1)
 
 

@@ -495,13 +495,16 @@ def cost_section(name: str, c, md: Path, plots: List[Path]) -> List[str]:
          f"Command: `{cost_command(c)}` (git `{meta.get('git', 'not recorded')}`); "
          f"devices `{meta.get('devices', '?')}`, jax {meta.get('jax', '?')}, wall time "
          f"{fmt(meta.get('wall_seconds'), 0)} s. Timing: {meta.get('timing', '–')}. "
-         "Batch 128; llqr's defaults unless named. *One step*: the refit in a "
-         "`lax.cond` of the compiled step (the default); *two steps*: "
+         "Batch 128 unless the task's name says otherwise (`_b512`); llqr's "
+         "defaults unless named. *One step*: the refit in a "
+         "`lax.cond` of the compiled step (a plain `jax.jit` loop); *two steps* "
+         "(`compile_step`, the README's first loop): "
          "`update(..., refit=True/False)` picked with `refit_due` (no conditional).", ""]
   body = []
   for t in c["tasks"]:
-    for key, label in (("overhead", "one step"), ("overhead_static_refit", "two steps")):
-      o = t.get(key)
+    rows = [("one step", t.get("overhead")), ("two steps", t.get("overhead_static_refit"))]
+    rows += [(f"two steps, `{k}`", o) for k, o in t.get("configs", {}).items()]
+    for label, o in rows:
       if o is None:
         continue
       body.append([t["task"], f"{t['params']:,}", label, fmt(o["ratio_mean"], 2),
@@ -599,7 +602,7 @@ def ablation_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) ->
   first = next(iter(runs.values()))["meta"]
   out = ["## The gains study: llqr's levers (`training_ablation_*.json`)", "",
          "Command: `python benchmarks/ablation.py` (one `benchmarks/training.py` "
-         f"process per task; git `{first.get('git', '?')}`). Protocol as in the "
+         "process per task; each task's rows and commit below). Protocol as in the "
          "training benchmark: each row's rate, and the options written `a|b`, "
          f"tuned on seed {first['seeds'][0]} "
          + ("for the fewest steps to the target, then the lowest final loss"
@@ -619,11 +622,13 @@ def ablation_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) ->
     task = t["tasks"][0]
     rows = t["summary"]
     by_name = {r["optimizer"]: r for r in rows}
-    out += [f"### {task['name']}", "",
+    out += [f"### {name.removeprefix('training_ablation_')}", "",
             f"{task['description']}; {task['num_params']} parameters; "
             f"{task['steps']} steps, batch {task['batch_size']}, target training "
             f"loss {fmt_g(task['target_loss'])}; wall time "
-            f"{t['meta']['wall_seconds'] / 60:.0f} min.", ""]
+            f"{t['meta']['wall_seconds'] / 60:.0f} min; git "
+            f"`{t['meta'].get('git', '?')}`. A bare `llqr` row is llqr's "
+            "default at that commit.", ""]
     body = []
     for r in rows:
       base = base_of(r["optimizer"])
@@ -642,7 +647,7 @@ def ablation_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) ->
     out += [table(["row", "tuned variant", "best lr", "steps to target",
                    "× base steps", "final train loss", "× Adam time (mean)"],
                   body), ""]
-    figs.append((task, rows))
+    figs.append((dict(task, name=name.removeprefix("training_ablation_")), rows))
   png = ablation_plot(figs, assets / "ablation_steps.png")
   if png:
     out += [link(md, png, "steps to target over the base optimizer's, per row and task"), ""]

@@ -35,7 +35,12 @@ import numpy as np
 import pytest
 
 DEVICES = 8
-TOL = 1e-5
+#: Float32 reduction order differs between a sharded and a one-device run.
+#: The preconditioned inner solver (the default) amplifies it in the state
+#: through the inverse of the samples' Gram matrices (regularised at 1e-3 of
+#: their mean diagonal): measured 9e-6 (updates) and 9e-5 (state), against
+#: 0.02 and 1.09 when the chunks differ (``shard_map_vs_unordered``).
+TOL = {"updates": 3e-5, "params": 3e-5, "state": 3e-4}
 BATCH, D_IN, HIDDEN, D_OUT = 64, 8, 16, 4
 NUM_CHUNKS, STEPS = 2, 4
 
@@ -197,7 +202,7 @@ def results(tmp_path_factory):
 
 def _assert_matches(entry):
   for part in ("updates", "params", "state"):
-    assert entry[part] <= TOL, (part, entry)
+    assert entry[part] <= TOL[part], (part, entry)
 
 
 def test_the_run_refits(results):
@@ -227,7 +232,8 @@ def test_axis_name_matches_one_device_with_chunk_order(results, name):
 def test_axis_name_chunks_are_per_device(results):
   # Without the reordering the samples differ, so the fitted preconditioner
   # (hence updates and state) does: the equivalence above is not vacuous.
-  assert results["shard_map_vs_unordered"]["state"] > 100 * TOL
+  assert results["shard_map_vs_unordered"]["state"] > 100 * TOL["state"]
+  assert results["shard_map_vs_unordered"]["updates"] > 100 * TOL["updates"]
 
 
 def test_chunk_order():

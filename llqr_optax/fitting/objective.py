@@ -202,17 +202,32 @@ def block_value_and_grad(problem: Problem, states: PyTree, k: int,
     >>> float(value), float(grad["w"][0])  # J(s) = 2.5 s² - 2.5 s at s = 1
     (0.0, 2.5)
   """
+  value, grad, _ = block_value_grad_products(problem, states, k, block)
+  return value, grad
+
+
+def block_value_grad_products(problem: Problem, states: PyTree, k: int,
+                              block: PyTree) -> Tuple[jax.Array, PyTree, PyTree]:
+  """:func:`block_value_and_grad` and the products ``A u_c`` it made."""
   n = _num_samples(problem)
   u, pullback = jax.vjp(
       lambda b: precondition_samples(merge_block(states, k, b), problem.samples), block)
   au = jax.vmap(problem.matvec)(u)
   value = tree_vdot(u, jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)) / n
   grad = pullback(jax.tree.map(lambda a, g: (a - g) / n, au, problem.grads))[0]
-  return value, grad
+  return value, grad, au
 
 
 def block_hvp(problem: Problem, states: PyTree, k: int, direction: PyTree) -> PyTree:
   """``∇²J · direction`` in block ``k`` (``J`` is quadratic there)."""
+  return block_hvp_products(problem, states, k, direction)[0]
+
+
+def block_hvp_products(problem: Problem, states: PyTree, k: int,
+                       direction: PyTree) -> Tuple[PyTree, PyTree]:
+  """:func:`block_hvp` and the products ``A (∂u_c/∂θ_k · direction)`` it made:
+  where ``U`` is linear in block ``k``, what ``A u_c`` moves by per unit step
+  along ``direction``."""
   n = _num_samples(problem)
   fn = lambda b: precondition_samples(merge_block(states, k, b), problem.samples)
   # ``U g`` is affine, not linear, in block ``k`` when some leaves have no block
@@ -222,4 +237,4 @@ def block_hvp(problem: Problem, states: PyTree, k: int, direction: PyTree) -> Py
   _, u = jax.jvp(fn, (block,), (direction,))
   _, pullback = jax.vjp(fn, block)
   au = jax.vmap(problem.matvec)(u)
-  return pullback(jax.tree.map(lambda a: a / n, au))[0]
+  return pullback(jax.tree.map(lambda a: a / n, au))[0], au

@@ -17,6 +17,7 @@ import numpy as np
 
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
+from llqr_optax.structures import base as structures_base
 
 PyTree = Any
 
@@ -161,29 +162,6 @@ def _per_device(tree: PyTree, axis_name) -> PyTree:
   return jax.tree.map(leaf, tree)
 
 
-def _replicated(tree: PyTree) -> PyTree:
-  """Gathers arrays whose type carries an explicit sharding (``AxisType.Explicit``).
-
-  Under ``jit`` with a batch sharded over an explicit mesh axis (the default of
-  ``jax.make_mesh`` in recent JAX), a slice of the batch axis has no
-  unambiguous sharding. Outputs and targets are small (batch × classes), so the
-  chunk losses read a replicated copy; their gradient flows back into the
-  sharded outputs unchanged.
-  """
-  typeof = getattr(jax, "typeof", None)
-  reshard = getattr(jax.sharding, "reshard", None)
-  if typeof is None or reshard is None:
-    return tree
-
-  def leaf(x):
-    sharding = getattr(typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if not spec or all(s is None for s in spec):
-      return x
-    return reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
-  return jax.tree.map(leaf, tree)
-
-
 def chunks_for(num_chunks: int, batch: int) -> int:
   """The number of gradient samples a refit takes from a batch of ``batch`` rows.
 
@@ -296,10 +274,10 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
   num_chunks = chunks_for(num_chunks, outputs.shape[0])
   size = outputs.shape[0] // num_chunks
 
-  chunk_targets = _replicated(targets)
+  chunk_targets = structures_base.replicated(targets)
 
   def chunk_cotangent(c):
-    chunk_loss = lambda z: loss.fn(_slice_chunk(_replicated(z), c, size),
+    chunk_loss = lambda z: loss.fn(_slice_chunk(structures_base.replicated(z), c, size),
                                    _slice_chunk(chunk_targets, c, size))
     return jax.grad(chunk_loss)(outputs)
 

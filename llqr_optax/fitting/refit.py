@@ -73,7 +73,8 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
     problem: gradient samples and the damped curvature product.
     states: the current per-leaf states.
     steps: inner steps per block.
-    solver: ``"cg"`` or ``"sgd"``.
+    solver: ``"cg"``, ``"pcg"`` (preconditioned by each structure's block
+      Hessian inverse) or ``"sgd"``.
     ema: ``β``.
     first: whether this is the first refit (a traced bool is fine).
 
@@ -121,10 +122,20 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
     return structures.map_states(lambda cls, st: cls.scale(st, c), s)
 
   new = jax.lax.cond(first, rescale, lambda s: s, new)
-  new = solvers.fit(problem, new, steps=steps, solver=solver)
-  new = _ema_fitted(states, new, beta)
-
-  value, u, au = obj.evaluate(problem, new)
+  if solver in ("cg", "pcg") and obj.num_blocks(new) == 1:
+    # One block, in which U is linear: A u_c of the average is the average of
+    # the start's and the fit's, both known from the fit's own products.
+    new, au_start, au_fit = solvers.cg_block(
+        problem, new, 0, steps, preconditioned=solver == "pcg", with_products=True)
+    new = _ema_fitted(states, new, beta)
+    u = obj.precondition_samples(new, problem.samples)
+    au = jax.tree.map(lambda a, b: beta * a + (1 - beta) * b, au_start, au_fit)
+    value = obj.tree_vdot(u, jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads))
+    value = value / n
+  else:
+    new = solvers.fit(problem, new, steps=steps, solver=solver)
+    new = _ema_fitted(states, new, beta)
+    value, u, au = obj.evaluate(problem, new)
   mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t)
   g_bar, u_bar, au_bar = mean(problem.grads), mean(u), mean(au)
   gu = obj.tree_vdot(g_bar, u_bar)

@@ -42,7 +42,7 @@ def _unrolled(steps: int, body, carry):
 
 
 def cg_block(problem: Problem, states: PyTree, k: int, steps: int,
-             preconditioned: bool = False) -> PyTree:
+             preconditioned: bool = False, *, with_products: bool = False) -> Any:
   """``steps`` conjugate-gradient steps on block ``k``, from ``states``.
 
   ``J`` is an exact quadratic in the block, so each step takes the exact line
@@ -62,9 +62,15 @@ def cg_block(problem: Problem, states: PyTree, k: int, steps: int,
     states: per-leaf structure states (the starting point).
     k: the block to fit.
     steps: the number of CG steps.
+    preconditioned: precondition by each structure's block Hessian inverse.
+    with_products: also return ``(A u_c)`` at the start and at the end, the
+      latter tracked along the steps' own products (exact where every leaf's
+      ``U`` is linear in block ``k``: a single-block tree), so that no
+      further product is needed to evaluate the result.
 
   Returns:
-    ``states`` with block ``k`` fitted.
+    ``states`` with block ``k`` fitted; with ``with_products``, the tuple
+    ``(states, au_start, au_end)``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -76,29 +82,31 @@ def cg_block(problem: Problem, states: PyTree, k: int, steps: int,
     [0.5, 0.5]
   """
   block = obj.split_block(states, k)
-  _, grad = obj.block_value_and_grad(problem, states, k, block)
+  _, grad, au_start = obj.block_value_grad_products(problem, states, k, block)
   r = jax.tree.map(jnp.negative, grad)
   precond = (obj.block_preconditioner(problem, states, k) if preconditioned
              else (lambda b: b))
 
   def body(_, carry):
-    block, r, p, rz = carry
-    hp = obj.block_hvp(problem, states, k, p)
+    block, r, p, rz, au = carry
+    hp, ap = obj.block_hvp_products(problem, states, k, p)
     php = obj.tree_vdot(p, hp)
     ok = (php > 0) & jnp.isfinite(php) & (rz > 0)
     alpha = jnp.where(ok, rz / jnp.where(ok, php, 1.0), 0.0)
     block = _axpy(alpha, p, block)
     r = _axpy(-alpha, hp, r)
+    au = _axpy(alpha, ap, au)  # A u_c moves with the block (U linear in it)
     z = precond(r)
     rz_new = obj.tree_vdot(r, z)
     beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1.0), 0.0)
     p = _axpy(beta, p, z)
-    return block, r, p, rz_new
+    return block, r, p, rz_new, au
 
   z = precond(r)
-  carry = (block, r, z, obj.tree_vdot(r, z))
-  block = _unrolled(steps, body, carry)[0]
-  return obj.merge_block(states, k, block)
+  carry = (block, r, z, obj.tree_vdot(r, z), au_start)
+  block, *_, au_end = _unrolled(steps, body, carry)
+  states = obj.merge_block(states, k, block)
+  return (states, au_start, au_end) if with_products else states
 
 
 def sgd_block(problem: Problem, states: PyTree, k: int, steps: int, *,
@@ -176,7 +184,8 @@ def fit(problem: Problem, states: PyTree, *, steps: int,
     problem: the gradient samples and ``v -> A v``.
     states: per-leaf structure states (the warm start).
     steps: solver steps per block.
-    solver: ``"cg"`` or ``"sgd"``.
+    solver: ``"cg"``, ``"pcg"`` (preconditioned by each structure's block
+      Hessian inverse) or ``"sgd"``.
 
   Returns:
     The fitted states.

@@ -168,6 +168,38 @@ def side_matrix(dim: int, max_dim: int) -> Array:
   return jnp.eye(dim, dtype=jnp.float32)
 
 
+def replicated(tree: Any) -> Any:
+  """Gathers arrays whose type carries an explicit sharding (``AxisType.Explicit``).
+
+  Under ``jit`` with arrays sharded over an explicit mesh axis (the default of
+  ``jax.make_mesh`` in recent JAX), a slice of the sharded axis, or a
+  contraction over it, has no unambiguous output sharding. Such arrays (a
+  batch's outputs and targets; the samples behind a structure's Gram
+  matrices, once a refit) are read as a replicated copy; gradients flow back
+  into the sharded originals unchanged. Elsewhere this is the identity.
+  """
+  typeof = getattr(jax, "typeof", None)
+  reshard = getattr(jax.sharding, "reshard", None)
+  if typeof is None or reshard is None:
+    return tree
+
+  def leaf(x):
+    sharding = getattr(typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or all(s is None for s in spec):
+      return x
+    return reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
+  return jax.tree.map(leaf, tree)
+
+
+def gram(spec: str, a: Array, b: Array) -> Array:
+  """``jnp.einsum(spec, a, b)`` in full precision, read from replicated copies
+  (see :func:`replicated`): the second moments of samples whose rows are
+  sharded over an explicit mesh axis."""
+  a, b = replicated(a), replicated(b)
+  return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def matmul(a: Array, b: Array) -> Array:
   """``a @ b`` in full float32 precision.
 

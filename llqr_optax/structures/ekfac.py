@@ -109,7 +109,7 @@ class EigenKronecker(base.Structure):
     def side(cov, spec):
       if cov.ndim == 1:  # identity basis above max_dim: nothing to track
         return cov, cov
-      outer = jnp.einsum(spec, g2, g2, precision=jax.lax.Precision.HIGHEST)
+      outer = base.gram(spec, g2, g2)
       cov = decay * cov + (1 - decay) * outer / jnp.maximum(jnp.trace(outer), 1e-30)
       return cov, jnp.linalg.eigh(cov)[1]
 

@@ -80,7 +80,7 @@ class Kronecker(base.Structure):
         inv = base.regularised_reciprocal(jnp.mean(jnp.sum(y * y, axis=2), axis=0), eps)
         return lambda block: (block[0] * inv,)
       inv = base.regularised_inverse(
-          jnp.einsum("cij,ckj->ik", y, y, precision=jax.lax.Precision.HIGHEST)
+          base.gram("cij,ckj->ik", y, y)
           / y.shape[0], eps)
       return lambda block: (base.matmul(block[0], inv),)
     y = jax.vmap(lambda g: base.left_multiply(state.left, g))(x)  # L X
@@ -88,6 +88,6 @@ class Kronecker(base.Structure):
       inv = base.regularised_reciprocal(jnp.mean(jnp.sum(y * y, axis=1), axis=0), eps)
       return lambda block: (block[0] * inv,)
     inv = base.regularised_inverse(
-        jnp.einsum("cji,cjk->ik", y, y, precision=jax.lax.Precision.HIGHEST)
+        base.gram("cji,cjk->ik", y, y)
         / y.shape[0], eps)
     return lambda block: (base.matmul(inv, block[0]),)
