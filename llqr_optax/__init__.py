@@ -8,7 +8,10 @@ The package is laid out as the method is:
   dense and conjugate-gradient solves;
 - :mod:`llqr_optax.structures`: structured inverse preconditioners per leaf;
 - :mod:`llqr_optax.fitting`: the LQR objective and its inner solvers;
-- :mod:`llqr_optax.transform`: the optax transform;
+- :mod:`llqr_optax.transform`: the optax transform, whose update runs the
+  stages of :mod:`llqr_optax.stages` (with the damping rules of
+  :mod:`llqr_optax.damping`), keeps an :mod:`llqr_optax.state` and refits on
+  :mod:`llqr_optax.schedule`;
   :mod:`llqr_optax.compose`: ``U`` around another optimizer's update;
   :mod:`llqr_optax.loop`: the fast loop (two compiled steps, no conditional).
 """
@@ -21,9 +24,10 @@ from llqr_optax.compose import PreconditionBaseState, precondition_base
 from llqr_optax.loop import compile_step
 from llqr_optax.losses import Loss
 from llqr_optax.structures import STRUCTURES
-from llqr_optax.transform import (DIAGNOSTICS, LLQRState, diagnostics,
-                                  find_state, llqr, precondition, refit_due,
-                                  scale_by_llqr)
+from llqr_optax.schedule import refit_due
+from llqr_optax.state import (DIAGNOSTICS, LLQRState, diagnostics, find_state,
+                              precondition)
+from llqr_optax.transform import llqr, scale_by_llqr
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,7 @@ bad-input table lists the messages; ``tests/test_bad_inputs.py`` pins them).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,13 @@ def _unwrapped(tree):
   them again.
   """
   return jax.tree.map(lambda x: jax.tree.leaves(x)[0], tree, is_leaf=_is_wrapper)
+
+
+def _scalar(x) -> Any:
+  """The one array of a scalar field, unwrapped from any pytree node around
+  it (``nnx.Optimizer`` keeps each array in an ``nnx`` Variable)."""
+  leaves = jax.tree.leaves(x)
+  return leaves[0] if len(leaves) == 1 else x
 
 
 def _structure_for(structure, params):

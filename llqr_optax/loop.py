@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from llqr_optax import transform
+from llqr_optax import schedule
+from llqr_optax import state as state_lib
+from llqr_optax._validation import _static_int
 
 
 class _ScheduledStep:
@@ -40,8 +42,8 @@ class _ScheduledStep:
     if self._count is None or state is not self._last_state:
       # A state this loop did not produce (the first call, a restored
       # checkpoint, another loop's): read llqr's count from it, once.
-      self._count = int(jax.device_get(transform.find_state(state).count))
-    refit = transform.refit_due(self._count, self._refit_every)
+      self._count = int(jax.device_get(state_lib.find_state(state).count))
+    refit = schedule.refit_due(self._count, self._refit_every)
     out = self._jitted(*args, refit=refit, **kwargs)
     self._count += 1
     self._last_state = out[self._state_argnum]
@@ -52,7 +54,7 @@ class _ScheduledStep:
     return self._jitted.lower(*args, refit=refit, **kwargs)
 
 
-def compile_step(step_fn: Callable, *, refit_every: int = transform._DEFAULT_REFIT_EVERY,
+def compile_step(step_fn: Callable, *, refit_every: int = schedule.DEFAULT_REFIT_EVERY,
                  state_argnum: int = 1, **jit_kwargs) -> Callable:
   """Compiles a training step twice, refit or not, and runs llqr's schedule.
 
@@ -101,5 +103,5 @@ def compile_step(step_fn: Callable, *, refit_every: int = transform._DEFAULT_REF
     >>> int(llqr_optax.find_state(opt_state).refits), step.count  # at 0, 1, 2, 4
     (4, 5)
   """
-  refit_every = transform._static_int("refit_every", refit_every, 1)
+  refit_every = _static_int("refit_every", refit_every, 1)
   return _ScheduledStep(step_fn, refit_every, state_argnum, jit_kwargs)
