@@ -145,8 +145,8 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
   if not isinstance(state, state_type):
     raise ValueError(f"state is a {type(state).__name__}, not the LLQRState of "
                      f"tx.init(params). {fix}")
-  typed = jax.tree.leaves(state.preconditioner, is_leaf=structures._is_state)
-  if not all(structures._is_state(s) for s in typed):
+  typed = jax.tree.leaves(state.preconditioner, is_leaf=structures.is_state)
+  if not all(structures.is_state(s) for s in typed):
     restored = structures.restore_types(state.preconditioner, _unwrapped(params))
     if restored is not None:
       state = state._replace(preconditioner=restored)
@@ -160,9 +160,9 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
     names = structures.leaf_names(structure, shapes_of, max_dim=2**62, dense_max=2**62)
     expected = jax.tree.map(lambda n: structures.STRUCTURES[n].State, names)
   got, _ = jax.tree_util.tree_flatten_with_path(state.preconditioner,
-                                                is_leaf=structures._is_state)
+                                                is_leaf=structures.is_state)
   want, _ = jax.tree_util.tree_flatten_with_path(
-      expected, is_leaf=lambda x: structures._is_state(x) or isinstance(x, type))
+      expected, is_leaf=lambda x: structures.is_state(x) or isinstance(x, type))
   if [p for p, _ in got] != [p for p, _ in want]:
     raise ValueError(
         f"the llqr state's preconditioner has leaves {[_where(p) for p, _ in got]} "

@@ -120,7 +120,7 @@ def test_fit_preconditioner_inverts_the_block_hessian_for_identity_curvature(nam
     states = structures.map_states(
         lambda cls, s: s._replace(basis_in=orth(s.basis_in), basis_out=orth(s.basis_out))
         if cls.name == "ekfac" else s, states)
-  treedef = jax.tree.structure(states, is_leaf=structures._is_state)
+  treedef = jax.tree.structure(states, is_leaf=structures.is_state)
   for k in range(obj.num_blocks(states)):
     block = obj.split_block(states, k)
     v = jax.tree.map(lambda b: jax.random.normal(k3, b.shape, b.dtype), block)

@@ -272,7 +272,7 @@ def test_nnx_params_with_variables_and_a_structure_pytree():
   state = tx.init(params)
   kinds = jax.tree.leaves(jax.tree.map(
       lambda s: type(s).__name__, state.preconditioner,
-      is_leaf=llqr_optax.structures._is_state))
+      is_leaf=llqr_optax.structures.is_state))
   assert sorted(set(kinds)) == ["DiagonalState", "KroneckerState"]
   x, y = _data()["x_train"][:BATCH], _data()["y_train"][:BATCH]
   grads = jax.tree.map(jnp.zeros_like, params)

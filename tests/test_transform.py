@@ -323,9 +323,9 @@ def test_untyped_structure_states_are_rebuilt(run):
   state = run["states"][6]
   inner = llqr_of(state)
   untyped = jax.tree.map(lambda s: dict(s._asdict()), inner.preconditioner,
-                         is_leaf=structures._is_state)
-  assert not any(structures._is_state(s) for s in jax.tree.leaves(
-      untyped, is_leaf=structures._is_state))
+                         is_leaf=structures.is_state)
+  assert not any(structures.is_state(s) for s in jax.tree.leaves(
+      untyped, is_leaf=structures.is_state))
   x, y = run["batches"][6]
   params, after, updates = MAIN_STEP(run["params"][6],
                                      (inner._replace(preconditioner=untyped),) + state[1:],
@@ -336,7 +336,7 @@ def test_untyped_structure_states_are_rebuilt(run):
   # Fields of another structure are rebuilt as that structure, then rejected.
   kron = llqr_optax.llqr(**{**KW, "structure": "kronecker"}).init(run["params"][0])
   as_dicts = jax.tree.map(lambda s: dict(s._asdict()), kron.preconditioner,
-                          is_leaf=structures._is_state)
+                          is_leaf=structures.is_state)
   with pytest.raises(ValueError, match=r"is KroneckerState.*but this configuration "
                      r"makes DiagonalState"):
     _trace_update(MAIN_TX, run["params"][0],

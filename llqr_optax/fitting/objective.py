@@ -61,7 +61,7 @@ def merge_block(states: PyTree, k: int, block: PyTree) -> PyTree:
   def put(s, b):
     cls = structures.structure_of(s)
     return s._replace(**dict(zip(cls.blocks[k], b))) if k < len(cls.blocks) else s
-  return jax.tree.map(put, states, block, is_leaf=structures._is_state)
+  return jax.tree.map(put, states, block, is_leaf=structures.is_state)
 
 
 def block_preconditioner(problem: Problem, states: PyTree, k: int,
@@ -78,7 +78,7 @@ def block_preconditioner(problem: Problem, states: PyTree, k: int,
   Returns:
     A function on block trees (as from :func:`split_block`).
   """
-  treedef = jax.tree.structure(states, is_leaf=structures._is_state)
+  treedef = jax.tree.structure(states, is_leaf=structures.is_state)
   leaf_states = treedef.flatten_up_to(states)
   leaf_samples = treedef.flatten_up_to(problem.samples)
   fns = [structures.structure_of(s).fit_preconditioner(s, k, x, eps)

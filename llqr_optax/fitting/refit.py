@@ -55,7 +55,7 @@ def _ema_fitted(old: PyTree, new: PyTree, beta) -> PyTree:
     fields = [f for block in structures.structure_of(o).blocks for f in block]
     return n._replace(**{f: beta * getattr(o, f) + (1 - beta) * getattr(n, f)
                          for f in fields})
-  return jax.tree.map(leaf, old, new, is_leaf=structures._is_state)
+  return jax.tree.map(leaf, old, new, is_leaf=structures.is_state)
 
 
 def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",

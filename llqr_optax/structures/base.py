@@ -144,6 +144,67 @@ class Structure:
     """Number of float32 values the state holds."""
     return sum(x.size for x in jax.tree.leaves(state))
 
+  @classmethod
+  def resolve(cls, shape: Tuple[int, ...], *, where: str, max_dim: int,
+              dense_max: int, named: bool) -> str:
+    """The structure a leaf of ``shape`` gets when this one is asked for.
+
+    Its own name, a fallback's (e.g. ``"diagonal"`` for vectors), or a
+    ``ValueError`` naming the leaf (``where``) when it cannot serve it.
+
+    Args:
+      shape: the leaf's shape.
+      where: the leaf, for error messages.
+      max_dim: the largest side held as a matrix.
+      dense_max: the largest leaf size of a dense ``U``.
+      named: whether the leaf was given this structure by name (a pytree of
+        names or a callable), rather than by one name for every leaf.
+    """
+    del shape, where, max_dim, dense_max, named
+    return cls.name
+
+  @classmethod
+  def identity_like(cls, state: NamedTuple) -> NamedTuple:
+    """The identity map with the shapes of ``state`` (what :meth:`init` made
+    for it)."""
+    return cls.init(tuple(jnp.shape(state[0])), max_dim=1)
+
+
+class TwoSided(Structure):
+  """A structure with one factor or basis per side of the leaf's matrix.
+
+  Vectors (biases, norms) fall back to ``"diagonal"``; a side above
+  ``max_dim`` holds a vector (a diagonal factor, or the identity basis).
+
+  Attributes:
+    sides: the state fields of the two sides, ``(fan_in side, fan_out side)``.
+  """
+  sides: ClassVar[Tuple[str, str]]
+
+  @classmethod
+  def resolve(cls, shape, *, where, max_dim, dense_max, named):
+    del dense_max
+    if len(shape) <= 1:
+      return "diagonal"
+    m, n = matrix_shape(shape)
+    if named and min(m, n) > max_dim:
+      # One side above max_dim falls back to a diagonal factor on that side; a
+      # leaf asked for by name whose two sides both do would silently get a
+      # structure no better than "diagonal" (ekfac) or weaker (kronecker).
+      raise ValueError(
+          f"structure={cls.name!r} {where}: both sides of its {m}×{n} matrix "
+          f"exceed max_dim={max_dim}, so both factors would fall back to "
+          "diagonals. Use 'diagonal' for this leaf, or raise max_dim.")
+    return cls.name
+
+  @classmethod
+  def identity_like(cls, state):
+    a, b = (getattr(state, f) for f in cls.sides)
+    square = [x.shape[0] for x in (a, b) if x.ndim == 2]
+    # The largest max_dim that turns exactly the vector sides into vectors.
+    max_dim = max(square) if square else 0
+    return cls.init((a.shape[0], b.shape[0]), max_dim=max_dim)
+
 
 def regularised_inverse(m: Array, eps: float) -> Array:
   """``(M + ε·mean(diag M)·I)⁻¹`` for a symmetric positive semidefinite ``M``;

@@ -1,5 +1,6 @@
 """Dense structure for tiny leaves: ``U vec(G)``."""
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -49,6 +50,21 @@ class Dense(Structure):
   name = "dense"
   State = DenseState
   blocks = (("matrix",),)
+
+  @classmethod
+  def resolve(cls, shape, *, where, max_dim, dense_max, named):
+    del max_dim, named
+    size = math.prod(shape)
+    if size > dense_max:
+      raise ValueError(
+          f"structure='dense' {where} needs a {size}² matrix, above "
+          f"dense_max={dense_max}; use 'kronecker' or 'diagonal' for this leaf, "
+          "or raise dense_max.")
+    return cls.name
+
+  @classmethod
+  def identity_like(cls, state):
+    return cls.init((state.matrix.shape[0],), max_dim=1)
 
   @classmethod
   def init(cls, shape, *, max_dim):

@@ -51,7 +51,7 @@ def _from_eigenbasis(q_in, q_out, x):
   return base.matmul(x, q_out.T) if q_out.ndim == 2 else x
 
 
-class EigenKronecker(base.Structure):
+class EigenKronecker(base.TwoSided):
   """A learned diagonal in a Kronecker eigenbasis (EKFAC-like).
 
   .. math::
@@ -79,6 +79,7 @@ class EigenKronecker(base.Structure):
   name = "ekfac"
   State = EigenKroneckerState
   blocks = (("scale",),)
+  sides = ("basis_in", "basis_out")
 
   @classmethod
   def init(cls, shape, *, max_dim):

@@ -25,7 +25,7 @@ class KroneckerState(NamedTuple):
   right: jax.Array
 
 
-class Kronecker(base.Structure):
+class Kronecker(base.TwoSided):
   """Left and right factors on the leaf seen as a matrix:
   :math:`U(G) = L\\,G\\,R`, i.e. :math:`U = R^\\top \\otimes L` on
   :math:`\\operatorname{vec}(G)`.
@@ -55,6 +55,7 @@ class Kronecker(base.Structure):
   name = "kronecker"
   State = KroneckerState
   blocks = (("left",), ("right",))
+  sides = ("left", "right")
 
   @classmethod
   def init(cls, shape, *, max_dim):
