@@ -11,9 +11,9 @@ geometry, computed two independent ways:
 """
 
 from llqr_optax.exact.layers import Sequential, as_sequential, from_flax_sequential
-from llqr_optax.exact.riccati import (LQRProblem, exact_step,
-                                      intermediate_curvature, lqr_problem,
-                                      riccati_step)
+from llqr_optax.exact.intermediate import intermediate_curvature
+from llqr_optax.exact.problem import LQRProblem, lqr_problem
+from llqr_optax.exact.riccati import exact_step, riccati_step
 from llqr_optax.exact.solve import cg_step, dense_curvature, dense_step
 
 __all__ = [

@@ -8,7 +8,7 @@ choice, momentum SGD with gradient clipping, is kept for comparison.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
