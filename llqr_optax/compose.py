@@ -1,4 +1,4 @@
-"""LLQR around another optimizer: ``U`` fitted to the base optimizer's direction.
+r"""LLQR around another optimizer: ``U`` fitted to the base optimizer's direction.
 
 ``optax.chain(llqr(...), base)`` feeds ``U(g)`` to the base optimizer.
 :func:`precondition_base` composes the other way round: the base optimizer
@@ -7,8 +7,8 @@ proposes its update ``d`` for the gradient, and the step is ``U(d)``, with
 
 .. math::
 
-   J(U) = \\frac{1}{n_c} \\sum_c \\Big[ g_c^\\top U d_c
-     + \\tfrac12 (U d_c)^\\top (C + \\lambda I)\\, (U d_c) \\Big],
+   J(U) = \frac{1}{n_c} \sum_c \Big[ g_c^\top U d_c
+     + \tfrac12 (U d_c)^\top (C + \lambda I)\, (U d_c) \Big],
 
 where ``d_c`` is the base's update for the gradient sample ``g_c``, taken with
 its current state (read, not advanced). Over unconstrained ``U`` the
@@ -44,14 +44,14 @@ class PreconditionBaseState(NamedTuple):
 def precondition_base(base_optimizer: optax.GradientTransformation, *,
                       loss, structure: Any = "scalar", normalize: bool = True,
                       **llqr_kwargs) -> optax.GradientTransformationExtraArgs:
-  """LLQR's structured ``U`` applied to another optimizer's update.
+  r"""LLQR's structured ``U`` applied to another optimizer's update.
 
   .. math::
 
-     \\delta\\theta_t = U_t\\big(d_t\\big), \\qquad
-     d_t = \\text{base}(g_t), \\qquad
-     U_t = \\arg\\min_U \\; \\mathbb E_c\\Big[ g_c^\\top U d_c
-       + \\tfrac12 (U d_c)^\\top (C + \\lambda I) (U d_c) \\Big],
+     \delta\theta_t = U_t\big(d_t\big), \qquad
+     d_t = \text{base}(g_t), \qquad
+     U_t = \arg\min_U \; \mathbb E_c\Big[ g_c^\top U d_c
+       + \tfrac12 (U d_c)^\top (C + \lambda I) (U d_c) \Big],
 
   refitted on llqr's schedule from gradient samples ``g_c`` of the batch and
   the base's updates ``d_c`` for them (its state read, not advanced). The

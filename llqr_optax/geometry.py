@@ -1,4 +1,4 @@
-"""Geometries: matrix-free curvature products on parameter pytrees.
+r"""Geometries: matrix-free curvature products on parameter pytrees.
 
 Every geometry is a positive (semi-)definite quadratic form on the parameter
 step. Except Newton, each is a metric ``Q`` on the model's outputs pulled back
@@ -6,7 +6,7 @@ through the Jacobian ``J`` of ``apply_fn``:
 
 .. math::
 
-   C v = J^\\top Q\\, J v, \\qquad (C + \\lambda I) v = J^\\top Q J v + \\lambda v,
+   C v = J^\top Q\, J v, \qquad (C + \lambda I) v = J^\top Q J v + \lambda v,
 
 computed as one ``jax.jvp`` (the forward rollout ``δx``), the output-space
 product ``Q``, and one ``jax.vjp`` (the costate sweep). ``C`` is never formed.
@@ -45,7 +45,7 @@ GEOMETRIES = ("ggn", "fisher", "mc_fisher", "empirical_fisher", "newton",
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """A geometry by name, with its options.
+  r"""A geometry by name, with its options.
 
   A geometry is the curvature ``C`` of the quadratic model whose damped
   minimiser ``−(C + λI)⁻¹ g`` LLQR approximates; except for Newton it is an
@@ -54,10 +54,10 @@ class Geometry:
 
   .. math::
 
-     C = J^\\top Q J, \\qquad
-     Q_{\\text{Rényi}} = \\nabla^2_{z'} D_\\alpha(p_z \\,\\|\\, p_{z'})\\big|_{z' = z},
-     \\qquad
-     D_\\alpha(p \\,\\|\\, q) = \\frac{1}{\\alpha - 1} \\log \\sum_k p_k^\\alpha q_k^{1-\\alpha}.
+     C = J^\top Q J, \qquad
+     Q_{\text{Rényi}} = \nabla^2_{z'} D_\alpha(p_z \,\|\, p_{z'})\big|_{z' = z},
+     \qquad
+     D_\alpha(p \,\|\, q) = \frac{1}{\alpha - 1} \log \sum_k p_k^\alpha q_k^{1-\alpha}.
 
   Attributes:
     name: one of :data:`GEOMETRIES`.
@@ -72,10 +72,6 @@ class Geometry:
     'renyi'
     >>> Geometry("mc_fisher", num_samples=4).needs_key
     True
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name: str = "ggn"
@@ -155,18 +151,18 @@ def _per_event_outer(loss: losses_lib.Loss, grads: Array, scale: float):
 def output_metric(geometry: GeometryLike, loss: losses_lib.LossLike,
                   outputs: Array, targets: Any = None, *,
                   key: Optional[Array] = None) -> Callable[[Array], Array]:
-  """The output-space metric ``Q`` of a geometry, as a product ``v -> Q v``.
+  r"""The output-space metric ``Q`` of a geometry, as a product ``v -> Q v``.
 
   ``Q`` is the terminal cost ``Q_N`` of the layerwise LQR problem; the
-  curvature is its pullback :math:`C = J^\\top Q J`. For the built-in mean
+  curvature is its pullback :math:`C = J^\top Q J`. For the built-in mean
   losses over ``n`` events, e.g.
 
   .. math::
 
-     Q_{\\text{GGN}} = \\nabla^2_z \\ell(z, t), \\qquad
-     Q_{\\text{Fisher}}^{\\text{softmax}} v
-       = \\tfrac{1}{n} \\big(\\operatorname{diag}(p) - p p^\\top\\big) v,
-     \\qquad p = \\operatorname{softmax}(z).
+     Q_{\text{GGN}} = \nabla^2_z \ell(z, t), \qquad
+     Q_{\text{Fisher}}^{\text{softmax}} v
+       = \tfrac{1}{n} \big(\operatorname{diag}(p) - p p^\top\big) v,
+     \qquad p = \operatorname{softmax}(z).
 
   For ``"newton"`` this is the output Hessian ``∇²_z ℓ``, the terminal cost of
   the LQR problem; the stage costs come from :func:`linearize`'s Hessian.
@@ -187,10 +183,6 @@ def output_metric(geometry: GeometryLike, loss: losses_lib.LossLike,
     >>> q = output_metric("fisher", "squared_error", jnp.zeros(4))
     >>> q(jnp.ones(4))  # I / n with n = 4
     Array([0.25, 0.25, 0.25, 0.25], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   geometry = get_geometry(geometry)
   loss = losses_lib.get_loss(loss)
@@ -275,7 +267,7 @@ def linearize(apply_fn: Callable[[PyTree], Array], params: PyTree,
               targets: Any = None, *, loss: losses_lib.LossLike,
               geometry: GeometryLike = "ggn",
               key: Optional[Array] = None) -> Linearization:
-  """Linearises ``apply_fn`` at ``params`` for repeated curvature products.
+  r"""Linearises ``apply_fn`` at ``params`` for repeated curvature products.
 
   The forward pass runs once; every later :meth:`Linearization.matvec` costs one
   linear forward (``jvp``, the rollout of the layer dynamics ``δx``) and one
@@ -283,8 +275,8 @@ def linearize(apply_fn: Callable[[PyTree], Array], params: PyTree,
 
   .. math::
 
-     (C + \\lambda I) v = J^\\top Q\\, (J v) + \\lambda v
-     \\quad\\text{(Newton: } \\nabla^2_\\theta \\ell\\, v + \\lambda v \\text{)}.
+     (C + \lambda I) v = J^\top Q\, (J v) + \lambda v
+     \quad\text{(Newton: } \nabla^2_\theta \ell\, v + \lambda v \text{)}.
 
   Args:
     apply_fn: ``apply_fn(params) -> outputs``, closing over the inputs.
@@ -308,10 +300,6 @@ def linearize(apply_fn: Callable[[PyTree], Array], params: PyTree,
     Array([[2.5, 2.5],
            [2.5, 2.5],
            [2.5, 2.5]], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   return _linearize(apply_fn, params, targets, loss=loss, geometry=geometry,
                     key=key)
@@ -353,13 +341,13 @@ def curvature_product(apply_fn: Callable[[PyTree], Array], params: PyTree,
                       geometry: GeometryLike = "ggn",
                       damping: Union[float, Array] = 0.0,
                       key: Optional[Array] = None) -> Callable[[PyTree], PyTree]:
-  """The damped curvature product ``v -> (C + λI) v`` of a geometry.
+  r"""The damped curvature product ``v -> (C + λI) v`` of a geometry.
 
   .. math::
 
-     (C + \\lambda I) v = J^\\top Q J v + \\lambda v
-     \\quad\\text{or, for Newton,}\\quad
-     \\nabla^2_\\theta \\ell\\, v + \\lambda v.
+     (C + \lambda I) v = J^\top Q J v + \lambda v
+     \quad\text{or, for Newton,}\quad
+     \nabla^2_\theta \ell\, v + \lambda v.
 
   Args:
     apply_fn: ``apply_fn(params) -> outputs``, closing over the inputs.

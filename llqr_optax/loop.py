@@ -56,7 +56,7 @@ class _ScheduledStep:
 
 def compile_step(step_fn: Callable, *, refit_every: int = schedule.DEFAULT_REFIT_EVERY,
                  state_argnum: int = 1, **jit_kwargs) -> Callable:
-  """Compiles a training step twice, refit or not, and runs llqr's schedule.
+  r"""Compiles a training step twice, refit or not, and runs llqr's schedule.
 
   ``step_fn(*args, refit)`` is your training step with one extra keyword,
   ``refit``, that it passes to ``tx.update(..., refit=refit)``; it returns a
@@ -67,8 +67,8 @@ def compile_step(step_fn: Callable, *, refit_every: int = schedule.DEFAULT_REFIT
 
   .. math::
 
-     \\text{refit}_t = [\\,t \\in \\{0, 1, 2, 4, \\dots\\} \\cup
-       \\text{refit\\_every}\\,\\mathbb N\\,],
+     \text{refit}_t = [\,t \in \{0, 1, 2, 4, \dots\} \cup
+       \text{refit\_every}\,\mathbb N\,],
 
   with ``t`` llqr's update count, kept on the host: read from the state once
   (and again whenever the state passed in is not the one the previous call

@@ -1,4 +1,4 @@
-"""Losses on model outputs, and what each knows about its predictive distribution.
+r"""Losses on model outputs, and what each knows about its predictive distribution.
 
 A :class:`Loss` is the scalar the user minimises, as a function of the model's
 outputs and the targets. Built-in losses are *means over events* (one event is a
@@ -7,7 +7,7 @@ their value equals ``optax.<loss>(...).mean()``:
 
 .. math::
 
-   \\ell(z, t) = \\frac{1}{n} \\sum_{e=1}^{n} \\ell_e(z_e, t_e).
+   \ell(z, t) = \frac{1}{n} \sum_{e=1}^{n} \ell_e(z_e, t_e).
 
 Built-in losses also name their predictive distribution (categorical, Bernoulli,
 unit-variance Gaussian), which the Fisher, Monte-Carlo Fisher and divergence
@@ -28,15 +28,15 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-  """A loss on outputs and the structure the curvature products need.
+  r"""A loss on outputs and the structure the curvature products need.
 
   Built-in losses are means over the ``n`` events of the outputs,
 
   .. math::
 
-     \\ell(z, t) = \\frac{1}{n} \\sum_{e=1}^{n} \\ell_e(z_e, t_e),
-     \\qquad \\ell_e(z_e, t_e) = -\\log p(t_e \\mid z_e)
-     \\text{ (up to a constant)},
+     \ell(z, t) = \frac{1}{n} \sum_{e=1}^{n} \ell_e(z_e, t_e),
+     \qquad \ell_e(z_e, t_e) = -\log p(t_e \mid z_e)
+     \text{ (up to a constant)},
 
   where ``p(· | z_e)`` is the named predictive ``distribution``, which the
   Fisher, Monte-Carlo Fisher and divergence geometries need. A user loss
@@ -94,13 +94,13 @@ def _shape_error(name, outputs, targets, expected):
 
 
 def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
-  """Softmax cross-entropy over the last axis, averaged over the other axes.
+  r"""Softmax cross-entropy over the last axis, averaged over the other axes.
 
   .. math::
 
-     \\ell(z, t) = -\\frac{1}{n} \\sum_e \\sum_k \\tilde t_{ek}
-       \\log \\operatorname{softmax}(z_e)_k, \\qquad
-     \\tilde t = (1 - \\epsilon)\\, t + \\epsilon / K.
+     \ell(z, t) = -\frac{1}{n} \sum_e \sum_k \tilde t_{ek}
+       \log \operatorname{softmax}(z_e)_k, \qquad
+     \tilde t = (1 - \epsilon)\, t + \epsilon / K.
 
   Args:
     label_smoothing: ``ε`` in ``[0, 1)``.
@@ -164,12 +164,12 @@ def _elementwise_check(name):
 
 
 def sigmoid_binary_cross_entropy() -> Loss:
-  """Elementwise sigmoid binary cross-entropy, averaged over all elements.
+  r"""Elementwise sigmoid binary cross-entropy, averaged over all elements.
 
   .. math::
 
-     \\ell(z, t) = \\frac{1}{n} \\sum_e -t_e \\log \\sigma(z_e)
-       - (1 - t_e) \\log (1 - \\sigma(z_e)).
+     \ell(z, t) = \frac{1}{n} \sum_e -t_e \log \sigma(z_e)
+       - (1 - t_e) \log (1 - \sigma(z_e)).
 
   Example:
     >>> import jax.numpy as jnp
@@ -186,11 +186,11 @@ def sigmoid_binary_cross_entropy() -> Loss:
 
 
 def squared_error() -> Loss:
-  """Half squared error, averaged over all elements (``optax.l2_loss``).
+  r"""Half squared error, averaged over all elements (``optax.l2_loss``).
 
   .. math::
 
-     \\ell(z, t) = \\frac{1}{2n} \\sum_e (z_e - t_e)^2,
+     \ell(z, t) = \frac{1}{2n} \sum_e (z_e - t_e)^2,
 
   the negative log-likelihood of a unit-variance Gaussian up to a constant.
 
@@ -251,9 +251,9 @@ def get_loss(loss: LossLike) -> Loss:
 
 
 def fisher_product(loss: Loss, outputs: Array, v: Array) -> Array:
-  """Product of the output-space Fisher of the mean loss with ``v``.
+  r"""Product of the output-space Fisher of the mean loss with ``v``.
 
-  Categorical: :math:`(\\operatorname{diag} p - p p^\\top) v / n`; Bernoulli:
+  Categorical: :math:`(\operatorname{diag} p - p p^\top) v / n`; Bernoulli:
   :math:`p (1-p) v / n`; Gaussian: :math:`v / n`.
   """
   n = loss.num_events(outputs)

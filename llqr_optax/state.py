@@ -199,10 +199,6 @@ def precondition(state: Any, tree: PyTree) -> PyTree:
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> llqr_optax.precondition(state, {"w": jnp.ones(3)})["w"]
     Array([1., 1., 1.], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   bare = _precondition(find_state(state), _unwrapped(tree))
   return jax.tree.unflatten(jax.tree.structure(tree), jax.tree.leaves(bare))

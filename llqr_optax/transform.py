@@ -1,7 +1,7 @@
-"""The optax transform: ``scale_by_llqr`` and ``llqr``.
+r"""The optax transform: ``scale_by_llqr`` and ``llqr``.
 
 ``update`` outputs :math:`U(g)`, the gradient preconditioned by the current
-structured inverse :math:`U \\approx (C + \\lambda I)^{-1}`, for the next
+structured inverse :math:`U \approx (C + \lambda I)^{-1}`, for the next
 transform of the chain. On llqr's schedule (:mod:`llqr_optax.schedule`),
 inside the same compiled step, ``U`` is refitted on the current batch by
 minimising the LQR objective (:mod:`llqr_optax.fitting`). The update's

@@ -1,6 +1,6 @@
-"""The exact layerwise-LQR reference: dense Riccati steps and direct solves.
+r"""The exact layerwise-LQR reference: dense Riccati steps and direct solves.
 
-For small models, the exact damped step :math:`-(C + \\lambda I)^{-1} g` of a
+For small models, the exact damped step :math:`-(C + \lambda I)^{-1} g` of a
 geometry, computed two independent ways:
 
 - :func:`exact_step` (:func:`lqr_problem` then :func:`riccati_step`): the

@@ -1,9 +1,9 @@
-"""Intermediate-layer metrics: extra stage costs on the layers' outputs.
+r"""Intermediate-layer metrics: extra stage costs on the layers' outputs.
 
-An intermediate metric ``{i: β_i or W_i}`` adds :math:`\\tfrac12\\,\\delta
-x_i^\\top W_i\\, \\delta x_i` to the LQR cost of the step
+An intermediate metric ``{i: β_i or W_i}`` adds :math:`\tfrac12\,\delta
+x_i^\top W_i\, \delta x_i` to the LQR cost of the step
 (:func:`~llqr_optax.exact.lqr_problem`), which adds
-:math:`\\sum_i J_i^\\top W_i J_i` to the curvature
+:math:`\sum_i J_i^\top W_i J_i` to the curvature
 (:func:`intermediate_curvature`).
 """
 
@@ -75,11 +75,11 @@ def _apply_metric(metric, dx: Array) -> Array:
 
 def intermediate_curvature(model, params_list: Sequence[PyTree], inputs: Array,
                            intermediate: Intermediate) -> Callable[[PyTree], PyTree]:
-  """The intermediate metric's curvature, matrix-free, on ``params_list``.
+  r"""The intermediate metric's curvature, matrix-free, on ``params_list``.
 
   .. math::
 
-     C_{\\text{int}}\\, v = \\sum_i J_i^\\top W_i J_i\\, v,
+     C_{\text{int}}\, v = \sum_i J_i^\top W_i J_i\, v,
 
   with ``J_i`` the Jacobian of the flattened state ``x_i`` in all parameters and
   ``W_i = β_i I`` or the given matrix. Adding it to a dense or CG solve

@@ -1,10 +1,10 @@
-"""A network as an ordered chain of layers, the form the LQR reference needs.
+r"""A network as an ordered chain of layers, the form the LQR reference needs.
 
 The exact layerwise-LQR step sees a network as a chain
 
 .. math::
 
-   x_{i+1} = f_i(\\theta_i, x_i), \\qquad i = 0, \\dots, N - 1,
+   x_{i+1} = f_i(\theta_i, x_i), \qquad i = 0, \dots, N - 1,
 
 with ``x_0`` the input batch and ``x_N`` the outputs the loss reads. A
 :class:`Sequential` holds the layer functions ``f_i(params_i, x) -> x'``; the
@@ -26,13 +26,13 @@ Layer = Callable[[PyTree, Array], Array]
 
 @dataclasses.dataclass(frozen=True)
 class Sequential:
-  """An ordered chain of layer functions ``f_i(params_i, x) -> x'``.
+  r"""An ordered chain of layer functions ``f_i(params_i, x) -> x'``.
 
   The network, as the layerwise LQR reference sees it:
 
   .. math::
 
-     x_{i+1} = f_i(\\theta_i, x_i), \\qquad i = 0, \\dots, N - 1,
+     x_{i+1} = f_i(\theta_i, x_i), \qquad i = 0, \dots, N - 1,
 
   ``x_0`` the input batch and ``x_N`` the outputs. Construct it with the
   layer functions; the parameters stay outside, one entry per layer.
@@ -53,10 +53,6 @@ class Sequential:
     [[4.0], [4.0], [4.0], [4.0]]
     >>> [x.shape for x in model.activations(params, jnp.ones((4, 3)))]
     [(4, 3), (4, 2), (4, 2), (4, 1)]
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   layers: Tuple[Layer, ...]
@@ -103,12 +99,12 @@ class Sequential:
 
 
 def as_sequential(model) -> Sequential:
-  """A :class:`Sequential`, or a sequence of layer functions made into one.
+  r"""A :class:`Sequential`, or a sequence of layer functions made into one.
 
   .. math::
 
-     (f_0, \\dots, f_{N-1}) \\;\\mapsto\\;
-     x \\mapsto f_{N-1}(\\theta_{N-1}, \\cdots f_0(\\theta_0, x)).
+     (f_0, \dots, f_{N-1}) \;\mapsto\;
+     x \mapsto f_{N-1}(\theta_{N-1}, \cdots f_0(\theta_0, x)).
 
   Args:
     model: a :class:`Sequential` (returned as is), or a list or tuple of layer
@@ -154,12 +150,12 @@ def _plain_layer(fn):
 
 
 def from_flax_sequential(module, variables) -> Tuple[Sequential, List[PyTree]]:
-  """Splits a ``flax.linen.Sequential`` into layer functions and params.
+  r"""Splits a ``flax.linen.Sequential`` into layer functions and params.
 
   .. math::
 
-     \\texttt{module.apply}(\\text{variables}, x)
-       = f_{N-1}(\\theta_{N-1}, \\cdots f_0(\\theta_0, x)),
+     \texttt{module.apply}(\text{variables}, x)
+       = f_{N-1}(\theta_{N-1}, \cdots f_0(\theta_0, x)),
 
   with ``f_i`` the ``i``-th entry of the module and ``θ_i`` its parameters.
   Linen names the ``i``-th entry of ``Sequential(layers)`` ``layers_i`` and
@@ -188,10 +184,6 @@ def from_flax_sequential(module, variables) -> Tuple[Sequential, List[PyTree]]:
     [False, True, False]
     >>> bool(jnp.allclose(model.apply(params_list, x), net.apply(variables, x)))
     True
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 

@@ -27,17 +27,17 @@ from llqr_optax.exact.intermediate import Intermediate, _check_intermediate
 
 
 class LQRProblem(NamedTuple):
-  """The dense LQR problem of one batch; index ``i`` is layer ``i``.
+  r"""The dense LQR problem of one batch; index ``i`` is layer ``i``.
 
   The dynamics and the cost of the step ``δθ``:
 
   .. math::
 
-     \\delta x_{i+1} = A_i \\delta x_i + B_i \\delta\\theta_i, \\qquad
-     J = \\sum_i \\tfrac12 \\big[\\delta x_i^\\top Q_i \\delta x_i
-       + 2\\, \\delta\\theta_i^\\top M_i \\delta x_i
-       + \\delta\\theta_i^\\top R_i \\delta\\theta_i\\big]
-       + a^\\top \\delta x_N + \\tfrac12\\, \\delta x_N^\\top Q_N \\delta x_N .
+     \delta x_{i+1} = A_i \delta x_i + B_i \delta\theta_i, \qquad
+     J = \sum_i \tfrac12 \big[\delta x_i^\top Q_i \delta x_i
+       + 2\, \delta\theta_i^\top M_i \delta x_i
+       + \delta\theta_i^\top R_i \delta\theta_i\big]
+       + a^\top \delta x_N + \tfrac12\, \delta x_N^\top Q_N \delta x_N .
 
   With ``n_i`` the size of the flattened batch state ``x_i`` (``n_0 = 0``: the
   input is not perturbed) and ``m_i`` the number of parameters of layer ``i``:
@@ -65,10 +65,6 @@ class LQRProblem(NamedTuple):
     ...                       jnp.ones((4, 2)), loss="squared_error", damping=1.0)
     >>> problem.B[0].shape, problem.Q_N.shape, problem.a.shape
     ((8, 6), (8, 8), (8,))
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   A: List[Array]
@@ -105,18 +101,18 @@ def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
                 damping: Union[float, Array] = 0.0,
                 intermediate: Intermediate = None,
                 key: Optional[Array] = None) -> LQRProblem:
-  """Builds the dense LQR problem of a geometry on one batch.
+  r"""Builds the dense LQR problem of a geometry on one batch.
 
   Dynamics ``A_i = ∂f_i/∂x``, ``B_i = ∂f_i/∂θ_i`` over the flattened batch
   state; terminal cost ``Q_N`` the geometry's output metric, linear term
   ``a = ∇_{x_N} ℓ``. For ``"newton"`` the stage costs are the Hessians of the
-  layer Hamiltonians :math:`H_i = p_{i+1}^\\top f_i(x_i, \\theta_i)`, with
-  costates :math:`p_N = a`, :math:`p_i = A_i^\\top p_{i+1}`:
+  layer Hamiltonians :math:`H_i = p_{i+1}^\top f_i(x_i, \theta_i)`, with
+  costates :math:`p_N = a`, :math:`p_i = A_i^\top p_{i+1}`:
 
   .. math::
 
-     Q_i = \\nabla^2_{xx} H_i, \\quad M_i = \\nabla^2_{\\theta x} H_i, \\quad
-     R_i = \\nabla^2_{\\theta\\theta} H_i;
+     Q_i = \nabla^2_{xx} H_i, \quad M_i = \nabla^2_{\theta x} H_i, \quad
+     R_i = \nabla^2_{\theta\theta} H_i;
 
   for every other geometry they are zero. ``intermediate={i: β_i}`` adds
   ``β_i I`` to ``Q_i`` (``{i: W_i}`` adds the matrix ``W_i``) and damping adds

@@ -1,25 +1,25 @@
-"""The exact layerwise-LQR step: dense Riccati recursion over a layer chain.
+r"""The exact layerwise-LQR step: dense Riccati recursion over a layer chain.
 
 Linearising a chain ``x_{i+1} = f_i(θ_i, x_i)`` at the current parameters gives
 the dynamics
 
 .. math::
 
-   \\delta x_{i+1} = A_i\\, \\delta x_i + B_i\\, \\delta\\theta_i, \\qquad
-   A_i = \\partial f_i / \\partial x_i, \\quad
-   B_i = \\partial f_i / \\partial \\theta_i, \\qquad \\delta x_0 = 0,
+   \delta x_{i+1} = A_i\, \delta x_i + B_i\, \delta\theta_i, \qquad
+   A_i = \partial f_i / \partial x_i, \quad
+   B_i = \partial f_i / \partial \theta_i, \qquad \delta x_0 = 0,
 
 and every geometry's quadratic model of the step is the LQR cost
 
 .. math::
 
-   J(\\delta\\theta) = \\sum_i \\tfrac12 \\big[\\delta x_i^\\top Q_i \\delta x_i
-     + 2\\, \\delta\\theta_i^\\top M_i \\delta x_i
-     + \\delta\\theta_i^\\top R_i \\delta\\theta_i\\big]
-     + a^\\top \\delta x_N + \\tfrac12\\, \\delta x_N^\\top Q_N \\delta x_N .
+   J(\delta\theta) = \sum_i \tfrac12 \big[\delta x_i^\top Q_i \delta x_i
+     + 2\, \delta\theta_i^\top M_i \delta x_i
+     + \delta\theta_i^\top R_i \delta\theta_i\big]
+     + a^\top \delta x_N + \tfrac12\, \delta x_N^\top Q_N \delta x_N .
 
 Its stationary point, found by the backward Riccati recursion and a forward
-rollout, is exactly the damped step :math:`-(C + \\lambda I)^{-1} g` of the
+rollout, is exactly the damped step :math:`-(C + \lambda I)^{-1} g` of the
 matching curvature ``C``. The state ``δx_i`` is the whole flattened batch, so
 ``K_i`` is ``(batch·width)²``: this is a reference for small models, used to
 check the matrix-free solvers and to score approximations.
@@ -48,21 +48,21 @@ from llqr_optax.exact.problem import LQRProblem, _sym, lqr_problem
 
 
 def riccati_step(problem: LQRProblem, *, allow_singular: bool = False) -> List[PyTree]:
-  """Solves an :class:`LQRProblem` by the Riccati recursion and a rollout.
+  r"""Solves an :class:`LQRProblem` by the Riccati recursion and a rollout.
 
   From ``K_N = Q_N``, ``λ_N = a``, for ``i = N-1, ..., 0``:
 
   .. math::
 
-     S_i &= R_i + B_i^\\top K_{i+1} B_i, \\qquad
-     L_i = M_i + B_i^\\top K_{i+1} A_i, \\\\
-     K_i &= Q_i + A_i^\\top K_{i+1} A_i - L_i^\\top S_i^{-1} L_i, \\\\
-     \\lambda_i &= A_i^\\top \\lambda_{i+1}
-       - L_i^\\top S_i^{-1} B_i^\\top \\lambda_{i+1},
+     S_i &= R_i + B_i^\top K_{i+1} B_i, \qquad
+     L_i = M_i + B_i^\top K_{i+1} A_i, \\
+     K_i &= Q_i + A_i^\top K_{i+1} A_i - L_i^\top S_i^{-1} L_i, \\
+     \lambda_i &= A_i^\top \lambda_{i+1}
+       - L_i^\top S_i^{-1} B_i^\top \lambda_{i+1},
 
   then from ``δx_0 = 0``:
-  :math:`\\delta\\theta_i = -S_i^{-1}(L_i \\delta x_i + B_i^\\top \\lambda_{i+1})`,
-  :math:`\\delta x_{i+1} = A_i \\delta x_i + B_i \\delta\\theta_i`.
+  :math:`\delta\theta_i = -S_i^{-1}(L_i \delta x_i + B_i^\top \lambda_{i+1})`,
+  :math:`\delta x_{i+1} = A_i \delta x_i + B_i \delta\theta_i`.
 
   The result is the stationary point of the quadratic model, which is its
   minimiser, ``-(C + λI)^{-1} g``, when ``C + λI`` is positive definite. Every
@@ -142,16 +142,16 @@ def exact_step(model, params_list: Sequence[PyTree], inputs: Array,
                intermediate: Intermediate = None,
                key: Optional[Array] = None,
                allow_singular: bool = False) -> List[PyTree]:
-  """The exact damped layerwise-LQR step :math:`-(C + \\lambda I)^{-1} g`.
+  r"""The exact damped layerwise-LQR step :math:`-(C + \lambda I)^{-1} g`.
 
   :func:`lqr_problem` then :func:`riccati_step`; jit-compatible with the model
   and the ``intermediate`` keys static. The result is
 
   .. math::
 
-     \\delta\\theta^\\star = \\arg\\min_{\\delta\\theta}
-       \\; g^\\top \\delta\\theta + \\tfrac12\\, \\delta\\theta^\\top
-       (C + \\lambda I)\\, \\delta\\theta = -(C + \\lambda I)^{-1} g,
+     \delta\theta^\star = \arg\min_{\delta\theta}
+       \; g^\top \delta\theta + \tfrac12\, \delta\theta^\top
+       (C + \lambda I)\, \delta\theta = -(C + \lambda I)^{-1} g,
 
   with ``C`` the geometry's curvature (plus the intermediate metric's), found
   layer by layer without forming ``C``.

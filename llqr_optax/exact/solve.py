@@ -1,12 +1,12 @@
-"""Damped curvature solves for any model: dense (reference) and CG.
+r"""Damped curvature solves for any model: dense (reference) and CG.
 
 For a model ``apply_fn(params) -> outputs`` and a geometry's curvature ``C``,
 the exact damped step is
 
 .. math::
 
-   \\delta\\theta^\\star = -(C + \\lambda I)^{-1} g, \\qquad
-   g = \\nabla_\\theta\\, \\ell(\\text{apply\\_fn}(\\theta), t).
+   \delta\theta^\star = -(C + \lambda I)^{-1} g, \qquad
+   g = \nabla_\theta\, \ell(\text{apply\_fn}(\theta), t).
 
 :func:`dense_step` materialises ``C`` column by column from the matrix-free
 :func:`~llqr_optax.geometry.curvature_product` (cost: one product per
@@ -55,11 +55,11 @@ def dense_curvature(apply_fn: Callable[[PyTree], Array], params: PyTree,
                     geometry: geometry_lib.GeometryLike = "ggn",
                     key: Optional[Array] = None,
                     extra_curvature: Optional[Matvec] = None) -> Array:
-  """The undamped curvature ``C`` of a geometry as a dense, symmetric matrix.
+  r"""The undamped curvature ``C`` of a geometry as a dense, symmetric matrix.
 
   .. math::
 
-     C_{:, j} = C e_j, \\qquad C \\leftarrow \\tfrac12 (C + C^\\top),
+     C_{:, j} = C e_j, \qquad C \leftarrow \tfrac12 (C + C^\top),
 
   over the flattened parameters (``jax.flatten_util.ravel_pytree`` order),
   with one matrix-free product per column, vectorised by ``jax.vmap``.
@@ -85,10 +85,6 @@ def dense_curvature(apply_fn: Callable[[PyTree], Array], params: PyTree,
     ...                     loss="squared_error")
     >>> c.tolist()  # xᵀx / 4
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   flat, unravel = ravel_pytree(params)
   product = _curvature(apply_fn, params, targets, loss=loss, geometry=geometry,
@@ -105,15 +101,15 @@ def dense_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
                key: Optional[Array] = None,
                extra_curvature: Optional[Matvec] = None,
                allow_singular: bool = False) -> PyTree:
-  """The damped step :math:`-(C + \\lambda I)^{-1} g` by a dense solve.
+  r"""The damped step :math:`-(C + \lambda I)^{-1} g` by a dense solve.
 
   ``C`` comes from :func:`dense_curvature`; the solve is
   ``jnp.linalg.solve``:
 
   .. math::
 
-     \\delta\\theta^\\star = -(C + \\lambda I)^{-1} g, \\qquad
-     g = \\nabla_\\theta\\, \\ell(\\text{apply\\_fn}(\\theta), t).
+     \delta\theta^\star = -(C + \lambda I)^{-1} g, \qquad
+     g = \nabla_\theta\, \ell(\text{apply\_fn}(\theta), t).
 
   Cost ``O(P)`` curvature products and ``O(P³)`` flops: a reference for
   models of up to a few thousand parameters.
@@ -140,10 +136,6 @@ def dense_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
     ...                   loss="squared_error", damping=1.0)
     >>> bool(jnp.allclose(step, 0.2))  # -(xᵀx/8 + I)⁻¹ g with g = -0.5
     True
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   _checks.check_solve_damping(damping, allow_singular=allow_singular,
                               where="dense_step")
@@ -163,7 +155,7 @@ def cg_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
             extra_curvature: Optional[Matvec] = None,
             tol: float = 1e-10, maxiter: Optional[int] = None,
             allow_singular: bool = False) -> PyTree:
-  """The damped step :math:`-(C + \\lambda I)^{-1} g` by conjugate gradient.
+  r"""The damped step :math:`-(C + \lambda I)^{-1} g` by conjugate gradient.
 
   Matrix-free: every iteration is one curvature product (a ``jvp`` and a
   ``vjp``, or a Hessian-vector product for Newton), on pytrees, with
@@ -171,11 +163,11 @@ def cg_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
 
   .. math::
 
-     (C + \\lambda I)\\, \\delta\\theta = -g .
+     (C + \lambda I)\, \delta\theta = -g .
  CG needs ``C + λI`` symmetric positive
   definite: true for every geometry but Newton when ``λ > 0``; for Newton the
   damping must exceed minus the Hessian's smallest eigenvalue. The iteration
-  stops when :math:`\\|(C + \\lambda I) x + g\\| \\le \\text{tol}\\, \\|g\\|`
+  stops when :math:`\|(C + \lambda I) x + g\| \le \text{tol}\, \|g\|`
   or after ``maxiter`` iterations; JAX reports no convergence flag, so check the
   residual with :func:`~llqr_optax.geometry.curvature_product` if it matters.
 
@@ -202,10 +194,6 @@ def cg_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
     ...                loss="squared_error", damping=1.0, tol=1e-6)
     >>> bool(jnp.allclose(step, 0.2))
     True
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   _checks.check_solve_damping(damping, allow_singular=allow_singular,
                               where="cg_step")

@@ -1,16 +1,16 @@
-"""The LQR objective of a structured preconditioner, and its exact gradient.
+r"""The LQR objective of a structured preconditioner, and its exact gradient.
 
-For gradient samples :math:`g_c` and the damped curvature :math:`A = C + \\lambda I`,
+For gradient samples :math:`g_c` and the damped curvature :math:`A = C + \lambda I`,
 
 .. math::
 
-   J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U x_c
-          + \\tfrac12 (U x_c)^\\top A\\, (U x_c) \\Big],
+   J(U) = \frac{1}{n_c} \sum_c \Big[ -g_c^\top U x_c
+          + \tfrac12 (U x_c)^\top A\, (U x_c) \Big],
 
-the LQR cost of the open-loop policy :math:`\\delta\\theta = -U x` averaged
+the LQR cost of the open-loop policy :math:`\delta\theta = -U x` averaged
 over gradients, with :math:`x_c = g_c` (``U`` preconditions the gradient) or
 another optimizer's direction for :math:`g_c`.
-:math:`\\partial J / \\partial u_c = (A u_c - g_c)/n_c` at
+:math:`\partial J / \partial u_c = (A u_c - g_c)/n_c` at
 :math:`u_c = U x_c`: one curvature product per sample (a ``jvp`` forward, a
 ``vjp`` costate sweep), then the pullback through ``U`` by autodiff. Over
 unconstrained ``U`` the minimiser maps every :math:`x_c` to :math:`A^{-1} g_c`
@@ -103,12 +103,12 @@ def _num_samples(problem: Problem) -> int:
 
 
 def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTree]:
-  """``J(U)`` with the samples ``u_c = U x_c`` and their products ``A u_c``.
+  r"""``J(U)`` with the samples ``u_c = U x_c`` and their products ``A u_c``.
 
   .. math::
 
-     J(U) = \\frac{1}{n_c} \\sum_c u_c^\\top \\big(\\tfrac12 A u_c - g_c\\big),
-     \\qquad u_c = U x_c .
+     J(U) = \frac{1}{n_c} \sum_c u_c^\top \big(\tfrac12 A u_c - g_c\big),
+     \qquad u_c = U x_c .
 
   Args:
     problem: the gradient samples and ``v -> A v``.
@@ -133,12 +133,7 @@ def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTre
 
 
 def lqr_objective(problem: Problem, states: PyTree) -> jax.Array:
-  """``J(U)`` for the preconditioners in ``states``.
-
-  .. math::
-
-     J(U) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U x_c
-       + \\tfrac12 (U x_c)^\\top A\\, (U x_c) \\Big].
+  r"""``J(U)`` (the module's objective) for the preconditioners in ``states``.
 
   Over unconstrained ``U`` its minimiser maps every ``x_c`` to ``A⁻¹g_c``,
   with value ``−½ Σ_c g_cᵀA⁻¹g_c / n_c`` (for ``x_c = g_c``: ``U = A⁻¹`` on
@@ -158,25 +153,21 @@ def lqr_objective(problem: Problem, states: PyTree) -> jax.Array:
     >>> problem = Problem(g, lambda v: v)  # A = I
     >>> float(lqr_objective(problem, structures.init({"w": jnp.ones(3)}, "scalar")))
     -1.5
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   return evaluate(problem, states)[0]
 
 
 def block_value_and_grad(problem: Problem, states: PyTree, k: int,
                          block: PyTree) -> Tuple[jax.Array, PyTree]:
-  """``J`` and ``∂J/∂block``: products ``A u_c`` pulled back through ``U``.
+  r"""``J`` and ``∂J/∂block``: products ``A u_c`` pulled back through ``U``.
 
   .. math::
 
-     \\frac{\\partial J}{\\partial u_c} = \\frac{1}{n_c}\\,(A u_c - g_c),
-     \\qquad
-     \\frac{\\partial J}{\\partial \\theta_k}
-       = \\sum_c \\Big(\\frac{\\partial u_c}{\\partial \\theta_k}\\Big)^{\\!\\top}
-         \\frac{\\partial J}{\\partial u_c},
+     \frac{\partial J}{\partial u_c} = \frac{1}{n_c}\,(A u_c - g_c),
+     \qquad
+     \frac{\partial J}{\partial \theta_k}
+       = \sum_c \Big(\frac{\partial u_c}{\partial \theta_k}\Big)^{\!\top}
+         \frac{\partial J}{\partial u_c},
 
   one curvature product per sample, then a ``vjp`` through ``U``.
 

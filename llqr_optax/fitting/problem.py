@@ -1,9 +1,9 @@
-"""The LQR fitting problem of a refit: gradient samples and a curvature product.
+r"""The LQR fitting problem of a refit: gradient samples and a curvature product.
 
 The refit batch is split into ``num_chunks`` chunks along the leading axis of
 the outputs; each chunk's loss gives one gradient sample :math:`g_c`. All
 samples are pulled back through *one* linearisation of the model (one forward
-pass), and the curvature product :math:`(C + \\lambda I) v` of the whole refit
+pass), and the curvature product :math:`(C + \lambda I) v` of the whole refit
 batch reuses it.
 """
 
@@ -23,15 +23,11 @@ PyTree = Any
 
 
 class Problem(NamedTuple):
-  """What the LQR objective needs: gradient samples and a curvature product.
+  r"""What the LQR objective needs: gradient samples and a curvature product.
 
-  .. math::
-
-     J(U) = \\frac{1}{n_c} \\sum_{c=1}^{n_c} \\Big[ -g_c^\\top U x_c
-       + \\tfrac12 (U x_c)^\\top A\\, (U x_c) \\Big], \\qquad A = C + \\lambda I,
-
-  the quadratic model of the step ``δ = −U x_c`` for the gradient ``g_c``.
-  ``U`` preconditions the gradient itself when ``x_c = g_c`` (the default),
+  The objective ``J(U)`` (:mod:`llqr_optax.fitting.objective`) is the
+  quadratic model, with ``A = C + λI``, of the step ``δ = −U x_c`` for the
+  gradient ``g_c``. ``U`` preconditions the gradient itself when ``x_c = g_c`` (the default),
   or another optimizer's direction for that gradient
   (:func:`~llqr_optax.precondition_base`).
 
@@ -54,10 +50,6 @@ class Problem(NamedTuple):
     >>> half = identity["w"]._replace(scale=jnp.float32(0.5))
     >>> float(fitting.lqr_objective(problem, {"w": half}))  # U = A⁻¹: -¼ Σ‖g_c‖²/2
     -0.625
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   grads: PyTree
   matvec: Callable[[PyTree], PyTree]
@@ -87,12 +79,12 @@ def with_damping(problem: Problem, damping: Any) -> Problem:
 
 def curvature_scale(curvature: Callable[[PyTree], PyTree], like: PyTree,
                     key: jax.Array, num_probes: int = 4) -> jax.Array:
-  """Hutchinson's estimate of ``tr(C) / P``, the mean eigenvalue of ``C``.
+  r"""Hutchinson's estimate of ``tr(C) / P``, the mean eigenvalue of ``C``.
 
   .. math::
 
-     \\frac{\\operatorname{tr} C}{P} \\approx \\frac{1}{kP} \\sum_{j=1}^{k} z_j^\\top C z_j,
-     \\qquad z_j \\in \\{-1, 1\\}^P \\text{ uniform},
+     \frac{\operatorname{tr} C}{P} \approx \frac{1}{kP} \sum_{j=1}^{k} z_j^\top C z_j,
+     \qquad z_j \in \{-1, 1\}^P \text{ uniform},
 
   unbiased, at ``k`` curvature products (vectorised).
 
@@ -211,7 +203,7 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
                   damping: Any = 0.0, num_chunks: int = 4,
                   key: Optional[jax.Array] = None,
                   axis_name: Optional[str] = None):
-  """Linearises the model once and returns the fitting problem.
+  r"""Linearises the model once and returns the fitting problem.
 
   The batch's outputs are split into ``num_chunks`` chunks ``B_c``; sample
   ``c`` is the gradient of the loss restricted to chunk ``c``, and the
@@ -219,8 +211,8 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
 
   .. math::
 
-     g_c = \\nabla_\\theta\\, \\ell\\big(z_{B_c}, t_{B_c}\\big), \\qquad
-     A v = (C + \\lambda I) v = J^\\top Q J v + \\lambda v,
+     g_c = \nabla_\theta\, \ell\big(z_{B_c}, t_{B_c}\big), \qquad
+     A v = (C + \lambda I) v = J^\top Q J v + \lambda v,
 
   all pulled back through one linearisation (one forward pass).
 
@@ -252,10 +244,6 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
     ...     damping=1.0, num_chunks=4)
     >>> problem.grads.shape, float(loss)  # 4 samples of the (3, 2) leaf
     ((4, 3, 2), 4.5)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   loss = losses_lib.get_loss(loss)
   if axis_name is not None:

@@ -16,13 +16,13 @@ PyTree = Any
 
 
 class RefitResult(NamedTuple):
-  """What one refit returns: the new states and the fit's diagnostics.
+  r"""What one refit returns: the new states and the fit's diagnostics.
 
   .. math::
 
-     \\alpha^\\star = \\frac{\\bar g^\\top U \\bar g}{(U\\bar g)^\\top A (U \\bar g)},
-     \\qquad \\delta = -\\alpha^\\star U \\bar g, \\qquad
-     m(\\delta) = -\\tfrac12 \\frac{(\\bar g^\\top U \\bar g)^2}{(U\\bar g)^\\top A (U\\bar g)} .
+     \alpha^\star = \frac{\bar g^\top U \bar g}{(U\bar g)^\top A (U \bar g)},
+     \qquad \delta = -\alpha^\star U \bar g, \qquad
+     m(\delta) = -\tfrac12 \frac{(\bar g^\top U \bar g)^2}{(U\bar g)^\top A (U\bar g)} .
 
   Attributes:
     states: the new per-leaf preconditioner states.
@@ -60,7 +60,7 @@ def _ema_fitted(old: PyTree, new: PyTree, beta) -> PyTree:
 
 def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
           ema: Any = 0.9, first: Any = False) -> RefitResult:
-  """Refits the structured preconditioners on one problem.
+  r"""Refits the structured preconditioners on one problem.
 
   1. Statistics that are not fitted (ekfac bases) absorb the samples.
   2. On the first refit, ``U`` is rescaled by its best scalar, so the warm
@@ -81,12 +81,12 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   Returns:
     A :class:`RefitResult`.
 
-  With :math:`\\theta` the fitted fields of the structures, the refit is
+  With :math:`\theta` the fitted fields of the structures, the refit is
 
   .. math::
 
-     \\theta \\leftarrow \\beta\\, \\theta_{\\text{old}}
-       + (1 - \\beta) \\operatorname{CG}_{\\text{steps}}\\big(J; \\theta_{\\text{old}}\\big).
+     \theta \leftarrow \beta\, \theta_{\text{old}}
+       + (1 - \beta) \operatorname{CG}_{\text{steps}}\big(J; \theta_{\text{old}}\big).
 
   Example:
     >>> import jax.numpy as jnp
@@ -97,10 +97,6 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
     ...                        steps=5, ema=0.0, first=True)
     >>> result.states["w"].diag  # A⁻¹ = diag(1/2, 1/4)
     Array([0.5 , 0.25], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   first = jnp.asarray(first)
   beta = jnp.where(first, 0.0, ema)

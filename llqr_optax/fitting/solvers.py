@@ -1,7 +1,7 @@
-"""Inner solvers: minimise the LQR objective over one block of the structures.
+r"""Inner solvers: minimise the LQR objective over one block of the structures.
 
 ``J`` is an exact quadratic in each block, so conjugate gradients with the
-exact line search :math:`\\alpha_k = r_k^\\top p_k / p_k^\\top \\nabla^2 J\\, p_k`
+exact line search :math:`\alpha_k = r_k^\top p_k / p_k^\top \nabla^2 J\, p_k`
 needs one Hessian product (``n_c`` curvature products) per step. The authors'
 choice, momentum SGD with gradient clipping, is kept for comparison.
 """
@@ -43,15 +43,15 @@ def _unrolled(steps: int, body, carry):
 
 def cg_block(problem: Problem, states: PyTree, k: int, steps: int,
              preconditioned: bool = False, *, with_products: bool = False) -> Any:
-  """``steps`` conjugate-gradient steps on block ``k``, from ``states``.
+  r"""``steps`` conjugate-gradient steps on block ``k``, from ``states``.
 
   ``J`` is an exact quadratic in the block, so each step takes the exact line
   search along the conjugate direction ``p``:
 
   .. math::
 
-     \\alpha_k = \\frac{r_k^\\top p_k}{p_k^\\top \\nabla^2 J\\, p_k}, \\qquad
-     r_k = -\\nabla J(\\theta_k),
+     \alpha_k = \frac{r_k^\top p_k}{p_k^\top \nabla^2 J\, p_k}, \qquad
+     r_k = -\nabla J(\theta_k),
 
   at one Hessian product (``n_c`` curvature products) per step. A direction of
   non-positive curvature (possible for an indefinite Newton geometry) stops
@@ -112,12 +112,12 @@ def cg_block(problem: Problem, states: PyTree, k: int, steps: int,
 def sgd_block(problem: Problem, states: PyTree, k: int, steps: int, *,
               learning_rate: float = 1e-3, momentum: float = 0.9,
               clip: float = 5.0) -> PyTree:
-  """Momentum SGD with global-norm clipping on block ``k`` (the authors' solver).
+  r"""Momentum SGD with global-norm clipping on block ``k`` (the authors' solver).
 
   .. math::
 
-     m \\leftarrow \\mu\\, m + \\operatorname{clip}(\\nabla J(\\theta)), \\qquad
-     \\theta \\leftarrow \\theta - \\eta\\, m .
+     m \leftarrow \mu\, m + \operatorname{clip}(\nabla J(\theta)), \qquad
+     \theta \leftarrow \theta - \eta\, m .
 
   Args:
     problem: the gradient samples and ``v -> A v``.
@@ -170,15 +170,15 @@ def best_scale(problem: Problem, states: PyTree) -> jax.Array:
 
 def fit(problem: Problem, states: PyTree, *, steps: int,
         solver: str = "cg") -> PyTree:
-  """Minimises ``J`` block by block (one pass over the blocks), warm-started.
+  r"""Minimises ``J`` block by block (one pass over the blocks), warm-started.
 
   For structures with several blocks (Kronecker: ``L`` then ``R``) this is one
   sweep of alternating minimisation,
 
   .. math::
 
-     \\theta_k \\leftarrow \\text{solver}_{\\text{steps}}
-       \\big(J(\\theta_1, \\dots, \\theta_k, \\dots)\\big), \\quad k = 1, 2, \\dots
+     \theta_k \leftarrow \text{solver}_{\text{steps}}
+       \big(J(\theta_1, \dots, \theta_k, \dots)\big), \quad k = 1, 2, \dots
 
   Args:
     problem: the gradient samples and ``v -> A v``.

@@ -19,14 +19,14 @@ Array = jax.Array
 
 
 def matrix_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
-  """A leaf seen as a ``(fan_in, fan_out)`` matrix.
+  r"""A leaf seen as a ``(fan_in, fan_out)`` matrix.
 
   Dense kernels ``(in, out)`` stay as they are; conv kernels ``(h, w, c_in,
   c_out)`` become ``(h·w·c_in, c_out)``; vectors become ``(size, 1)``:
 
   .. math::
 
-     (d_1, \\dots, d_k) \\mapsto \\Big(\\prod_{j<k} d_j,\\; d_k\\Big).
+     (d_1, \dots, d_k) \mapsto \Big(\prod_{j<k} d_j,\; d_k\Big).
 
   Args:
     shape: the leaf's shape.
@@ -44,19 +44,17 @@ def matrix_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
 
 
 class Structure:
-  """Base class of the structures: class-level functions, no instances.
+  r"""Base class of the structures: class-level functions, no instances.
 
   A structure is a family of linear maps ``U_θ`` on one leaf, fitted by
-  minimising the LQR objective (see :mod:`llqr_optax.fitting`)
-
-  .. math::
-
-     J(\\theta) = \\frac{1}{n_c} \\sum_c \\Big[ -g_c^\\top U_\\theta g_c
-       + \\tfrac12 (U_\\theta g_c)^\\top (C + \\lambda I) (U_\\theta g_c) \\Big],
-
+  minimising the LQR objective ``J`` (:mod:`llqr_optax.fitting.objective`),
   which is quadratic in each block of ``θ`` because ``U_θ`` is linear in it.
   Subclasses set ``name``, ``State`` (a NamedTuple of float32 arrays) and
-  ``blocks``, and implement :meth:`init` and :meth:`apply`.
+  ``blocks``, and implement :meth:`init` and :meth:`apply`; they may override
+  the rules :meth:`resolve` (fallbacks, size caps), :meth:`identity_like`,
+  :meth:`memory`, :meth:`update_statistics` and :meth:`fit_preconditioner`.
+  Adding a structure is a module with its class and a line in
+  :data:`~llqr_optax.structures.STRUCTURES`.
 
   Attributes:
     name: the name used in ``structure=...``.
@@ -72,10 +70,6 @@ class Structure:
            [2., 2., 2.]], dtype=float32)
     >>> Diagonal.blocks, Diagonal.memory(state)
     ((('diag',),), 6)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name: ClassVar[str]

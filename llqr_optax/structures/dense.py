@@ -24,16 +24,16 @@ class DenseState(NamedTuple):
 
 
 class Dense(Structure):
-  """An unconstrained linear map on the flattened leaf:
-  :math:`U(G) = \\operatorname{unvec}(M \\operatorname{vec}(G))`.
+  r"""An unconstrained linear map on the flattened leaf:
+  :math:`U(G) = \operatorname{unvec}(M \operatorname{vec}(G))`.
 
   With enough gradient samples its LQR fit is exactly the damped inverse
   curvature block of the leaf. Memory is ``size²``: for tiny leaves only.
 
   .. math::
 
-     U(G) = \\operatorname{unvec}\\big(M \\operatorname{vec}(G)\\big), \\qquad
-     M^\\star = \\arg\\min_M J(M).
+     U(G) = \operatorname{unvec}\big(M \operatorname{vec}(G)\big), \qquad
+     M^\star = \arg\min_M J(M).
 
   Example:
     >>> import jax.numpy as jnp
@@ -41,10 +41,6 @@ class Dense(Structure):
     >>> Dense.apply(state._replace(matrix=jnp.array([[0.0, 1.0], [1.0, 0.0]])),
     ...             jnp.array([1.0, 2.0]))
     Array([2., 1.], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name = "dense"

@@ -24,12 +24,12 @@ class DiagonalState(NamedTuple):
 
 
 class Diagonal(Structure):
-  """A learned elementwise scale: :math:`U(G) = D \\odot G`.
+  r"""A learned elementwise scale: :math:`U(G) = D \odot G`.
 
   .. math::
 
-     U(G)_{ij} = D_{ij}\\, G_{ij}, \\qquad
-     \\nabla_D J = \\frac{1}{n_c} \\sum_c g_c \\odot \\big(A (D \\odot g_c) - g_c\\big),
+     U(G)_{ij} = D_{ij}\, G_{ij}, \qquad
+     \nabla_D J = \frac{1}{n_c} \sum_c g_c \odot \big(A (D \odot g_c) - g_c\big),
 
   with ``A = C + λI``: ``J`` is quadratic in ``D``, fitted by conjugate
   gradients. As much state as the leaf; the default (``"auto"``).
@@ -39,10 +39,6 @@ class Diagonal(Structure):
     >>> state = Diagonal.init((2,), max_dim=1024)
     >>> Diagonal.apply(state._replace(diag=jnp.array([1.0, 3.0])), jnp.ones(2))
     Array([1., 3.], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name = "diagonal"

@@ -1,9 +1,9 @@
-"""Eigenbasis-Kronecker structure (EKFAC-like): a learned diagonal in a
+r"""Eigenbasis-Kronecker structure (EKFAC-like): a learned diagonal in a
 Kronecker eigenbasis.
 
 The bases are not fitted by the LQR objective: they are the eigenvectors of
 exponential moving averages of the gradient's row and column covariances,
-:math:`E[G G^\\top]` and :math:`E[G^\\top G]` (Shampoo's statistics), taken from
+:math:`E[G G^\top]` and :math:`E[G^\top G]` (Shampoo's statistics), taken from
 the refit's gradient chunks. The scales ``S`` in that basis are fitted.
 """
 
@@ -52,11 +52,11 @@ def _from_eigenbasis(q_in, q_out, x):
 
 
 class EigenKronecker(base.TwoSided):
-  """A learned diagonal in a Kronecker eigenbasis (EKFAC-like).
+  r"""A learned diagonal in a Kronecker eigenbasis (EKFAC-like).
 
   .. math::
 
-     U(G) = Q_A \\big[(Q_A^\\top G Q_G) \\odot S\\big] Q_G^\\top,
+     U(G) = Q_A \big[(Q_A^\top G Q_G) \odot S\big] Q_G^\top,
 
   with ``Q_A``, ``Q_G`` the eigenvectors of moving averages of the gradient's
   row and column covariances (updated at each refit, not fitted) and the
@@ -70,10 +70,6 @@ class EigenKronecker(base.TwoSided):
     >>> EigenKronecker.apply(state._replace(scale=3 * state.scale), jnp.eye(2))
     Array([[3., 0.],
            [0., 3.]], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name = "ekfac"

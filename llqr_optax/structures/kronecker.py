@@ -9,7 +9,7 @@ from llqr_optax.structures import base
 
 
 class KroneckerState(NamedTuple):
-  """State of :class:`Kronecker`: the factors of :math:`U = R^\\top \\otimes L`.
+  r"""State of :class:`Kronecker`: the factors of :math:`U = R^\top \otimes L`.
 
   A side larger than ``max_dim`` holds a vector: a diagonal factor.
 
@@ -26,9 +26,9 @@ class KroneckerState(NamedTuple):
 
 
 class Kronecker(base.TwoSided):
-  """Left and right factors on the leaf seen as a matrix:
-  :math:`U(G) = L\\,G\\,R`, i.e. :math:`U = R^\\top \\otimes L` on
-  :math:`\\operatorname{vec}(G)`.
+  r"""Left and right factors on the leaf seen as a matrix:
+  :math:`U(G) = L\,G\,R`, i.e. :math:`U = R^\top \otimes L` on
+  :math:`\operatorname{vec}(G)`.
 
   ``U`` is bilinear, so the two factors are fitted in alternation: ``J`` is
   quadratic in ``L`` for a fixed ``R`` and in ``R`` for a fixed ``L``.
@@ -36,8 +36,8 @@ class Kronecker(base.TwoSided):
 
   .. math::
 
-     U(G) = L\\, G\\, R, \\qquad
-     \\operatorname{vec}(L G R) = (R^\\top \\otimes L) \\operatorname{vec}(G).
+     U(G) = L\, G\, R, \qquad
+     \operatorname{vec}(L G R) = (R^\top \otimes L) \operatorname{vec}(G).
 
   Example:
     >>> import jax.numpy as jnp
@@ -46,10 +46,6 @@ class Kronecker(base.TwoSided):
     >>> Kronecker.apply(state, jnp.array([[1.0, 2.0], [3.0, 4.0]]))
     Array([[4., 2.],
            [8., 6.]], dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
 
   name = "kronecker"

@@ -22,12 +22,12 @@ class ScalarState(NamedTuple):
 
 
 class Scalar(Structure):
-  """One learned step size per leaf: :math:`U(G) = s\\,G`.
+  r"""One learned step size per leaf: :math:`U(G) = s\,G`.
 
   .. math::
 
-     J(s) = -s \\sum_c \\|g_c\\|^2 / n_c + \\tfrac{s^2}{2} \\sum_c g_c^\\top A g_c / n_c
-     \\;\\Rightarrow\\; s^\\star = \\frac{\\sum_c \\|g_c\\|^2}{\\sum_c g_c^\\top A g_c},
+     J(s) = -s \sum_c \|g_c\|^2 / n_c + \tfrac{s^2}{2} \sum_c g_c^\top A g_c / n_c
+     \;\Rightarrow\; s^\star = \frac{\sum_c \|g_c\|^2}{\sum_c g_c^\top A g_c},
 
   with ``A = C + λI`` (on one leaf alone; with other leaves the fit is joint).
   One float of state; it rescales the gradient, never changes its direction.

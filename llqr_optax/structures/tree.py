@@ -195,10 +195,6 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
     >>> leaf_names(lambda path, shape: "scalar" if len(shape) == 1 else "ekfac",
     ...            {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
     {'b': 'scalar', 'w': 'ekfac'}
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   kw = dict(max_dim=max_dim, dense_max=dense_max)
   if isinstance(structure, str):
@@ -224,14 +220,14 @@ def leaf_names(structure: StructureSpec, params: PyTree, *, max_dim: int = 1024,
 
 def init(params: PyTree, structure: StructureSpec = "auto", *,
          max_dim: int = 1024, dense_max: int = 4096) -> PyTree:
-  """Identity preconditioners: a tree of per-leaf states shaped like ``params``.
+  r"""Identity preconditioners: a tree of per-leaf states shaped like ``params``.
 
   Every structure starts at the identity map,
 
   .. math::
 
-     U_l^{(0)} = I \\quad\\text{for every leaf } l
-     \\qquad (s = 1,\\; D = \\mathbf 1,\\; L = I,\\; R = I,\\; S = \\mathbf 1,\\; M = I),
+     U_l^{(0)} = I \quad\text{for every leaf } l
+     \qquad (s = 1,\; D = \mathbf 1,\; L = I,\; R = I,\; S = \mathbf 1,\; M = I),
 
   and the first refit rescales it by its best scalar.
 
@@ -262,12 +258,12 @@ def init(params: PyTree, structure: StructureSpec = "auto", *,
 
 
 def apply(states: PyTree, tree: PyTree) -> PyTree:
-  """``U(tree)``: each leaf's preconditioner applied to that leaf.
+  r"""``U(tree)``: each leaf's preconditioner applied to that leaf.
 
   .. math::
 
-     U(v) = \\operatorname{blockdiag}_l(U_l)\\, v
-     = \\big(U_l(v_l)\\big)_{l \\in \\text{leaves}},
+     U(v) = \operatorname{blockdiag}_l(U_l)\, v
+     = \big(U_l(v_l)\big)_{l \in \text{leaves}},
 
   the block-diagonal (per-leaf) preconditioner of LLQR. The computation is in
   float32 and the result has the dtype of ``tree``.
@@ -284,10 +280,6 @@ def apply(states: PyTree, tree: PyTree) -> PyTree:
     >>> s = init({"w": jnp.zeros((3, 2))}, "scalar")
     >>> apply(s, {"w": jnp.ones((3, 2))})["w"].sum()
     Array(6., dtype=float32)
-
-  References:
-    Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
-    for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
   return jax.tree.map(
       lambda g, s: _sharded_like(
