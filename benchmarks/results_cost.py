@@ -13,7 +13,7 @@ def cost_command(c) -> str:
   meta = c["meta"]
   if meta.get("command"):
     return meta["command"]
-  args = ["python", "benchmarks/cost.py"]
+  args = ["python", "-m", "benchmarks.cost"]
   if meta.get("quick"):
     args.append("--quick")
   if c.get("candidates"):

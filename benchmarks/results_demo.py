@@ -11,20 +11,21 @@ from benchmarks.formatting import fmt, link, shell_join, spread, table
 
 def demo_command(meta) -> str:
   """The demo's command line, from the settings in its JSON."""
-  args = ["python", "benchmarks/demo.py"]
+  args = ["python", "-m", "benchmarks.demo"]
   for flag, key in (("--steps", "steps"), ("--seed", "seed"),
                     ("--adam-lr", "adam_lr"), ("--sgd-lr", "sgd_lr")):
     if key in meta:
       args += [flag, str(meta[key])]
   if "seeds" in meta:  # the demo over several seeds (--seed was one)
-    args[4:4] = ["--seeds"] + [str(x) for x in meta["seeds"]]
+    at = 5  # after `python -m benchmarks.demo --steps N`
+    args[at:at] = ["--seeds"] + [str(x) for x in meta["seeds"]]
   return shell_join(args)
 
 
 def sweep_command(data) -> str:
   """The sweep's command line, from its settings and rows."""
   meta = data["meta"]
-  args = ["python", "benchmarks/sweep.py"]
+  args = ["python", "-m", "benchmarks.sweep"]
   if "steps" in meta:
     args += ["--steps", str(meta["steps"])]
   if "seeds" in meta:

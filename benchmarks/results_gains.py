@@ -46,7 +46,7 @@ def ablation_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) ->
     return []
   first = next(iter(runs.values()))["meta"]
   out = ["## The gains study: llqr's levers (`training_ablation_*.json`)", "",
-         "Command: `python benchmarks/ablation.py` (one `benchmarks/training.py` "
+         "Command: `python -m benchmarks.ablation` (one `benchmarks/training.py` "
          "process per task; each task's rows and commit below). Protocol as in the "
          "training benchmark: each row's rate, and the options written `a|b`, "
          f"tuned on seed {first['seeds'][0]} "
@@ -113,7 +113,7 @@ def batch_section(runs: Dict[str, Dict[str, Any]], md: Path, assets: Path) -> Li
   steps = sorted({t["tasks"][0]["steps"] for t in runs.values()})
   extra = f" --extra --steps {steps[0]}" if len(steps) == 1 else ""
   out = ["## The large-batch regime: steps to target against batch size", "",
-         f"Command: `python benchmarks/ablation.py --batch-sweep{extra}` "
+         f"Command: `python -m benchmarks.ablation --batch-sweep{extra}` "
          f"({'/'.join(map(str, steps))} steps per run; a "
          "`benchmarks/training.py --batch B` process per task and batch; each "
          "row's rate tuned at each batch size on seed 0, median over seeds "
