@@ -1,5 +1,6 @@
 # Two commands set up everything: `make demo` and `make test`.
 # Both create .venv with python3 if it is missing and install the package.
+# The benchmark scripts run as modules from this folder (python -m benchmarks.X).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -22,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/demo.py
+	$(BIN)/python -m benchmarks.demo
 
 # Executes every notebook, with its outputs, into notebooks/out/ (git-ignored).
 notebooks: $(STAMP)
@@ -31,10 +32,10 @@ notebooks: $(STAMP)
 # Cost of llqr over adam (memory, compile, per-step overhead, refit scaling),
 # and 10,000-step runs at two learning rates: JSON + PNG in benchmarks/out/.
 bench-cost: $(STAMP)
-	$(BIN)/python benchmarks/cost.py --candidates
+	$(BIN)/python -m benchmarks.cost --candidates
 
 bench-long: $(STAMP)
-	$(BIN)/python benchmarks/long_run.py
+	$(BIN)/python -m benchmarks.long_run
 
 # The peer environment: K-FAC (kfac-jax 0.0.8) and PSGD Kron (psgd-jax 0.2.9)
 # need an older stack (jax 0.8.2, optax 0.2.4, flax 0.10.7), pinned in
@@ -57,22 +58,22 @@ $(PEERS_STAMP): benchmarks/peers-requirements.txt pyproject.toml
 	$(PEERS_BIN)/python -m pip install -q --upgrade pip
 	$(PEERS_BIN)/python -m pip install -q -r benchmarks/peers-requirements.txt
 	$(PEERS_BIN)/python -m pip install -q --no-deps -e .
-	$(PEERS_BIN)/python benchmarks/peers.py --check
+	$(PEERS_BIN)/python -m benchmarks.peers --check
 	touch $(PEERS_STAMP)
 
 peers-env: $(PEERS_STAMP)
 
 bench-peers: $(PEERS_STAMP) $(STAMP)
-	$(PEERS_BIN)/python benchmarks/training.py --tag peers --out $(PEERS_OUT) \
+	$(PEERS_BIN)/python -m benchmarks.training --tag peers --out $(PEERS_OUT) \
 	  --optimizers $(PEER_OPTIMIZERS) $(if $(QUICK),--quick --lr-mults 1 --seeds 0)
-	$(BIN)/python benchmarks/results.py $(if $(QUICK),--in $(PEERS_OUT) --md $(PEERS_OUT)/RESULTS.md)
+	$(BIN)/python -m benchmarks.results $(if $(QUICK),--in $(PEERS_OUT) --md $(PEERS_OUT)/RESULTS.md)
 
 # Training benchmark in the main env: three tasks (MNIST-1D MLP and ResNet,
 # char Transformer LM), optax's optimizers and llqr variants, learning-rate
 # grid on seed 0 then seeds 0-2; ~30-40 min on a 2-core CPU. Then RESULTS.md.
 bench-train: $(STAMP)
-	$(BIN)/python benchmarks/training.py
-	$(BIN)/python benchmarks/results.py
+	$(BIN)/python -m benchmarks.training
+	$(BIN)/python -m benchmarks.results
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info

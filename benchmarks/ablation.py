@@ -1,6 +1,6 @@
 """The gains study: llqr's levers as ablation rows, on every training task.
 
-Each task runs in its own process (``benchmarks/training.py --tag
+Each task runs in its own process (``python -m benchmarks.training --tag
 ablation_<task>``), with the protocol of the training benchmark but selected
 on the study's metric: every row's learning rate, and the options listed as
 ``a|b`` alternatives, tuned on seed 0 for the fewest steps to the task's
@@ -9,11 +9,11 @@ run on seeds 0-2. (Selected by the final training loss instead, the MLP's
 near-zero, spiky final losses picked Adam's 3e-3 over its 1e-2, and every
 row at 1e-2 then "beat" Adam by 0.6x: an artefact of the selection.)
 Writes ``training_ablation_<task>.json`` and plots to ``--out``; then
-``benchmarks/results.py`` renders them in ``RESULTS.md``::
+``python -m benchmarks.results`` renders them in ``RESULTS.md``::
 
-  .venv/bin/python benchmarks/ablation.py                         # all tasks
-  .venv/bin/python benchmarks/ablation.py --tasks mnist1d_mlp --rows levers
-  .venv/bin/python benchmarks/ablation.py --rows finalists --tasks char_transformer
+  .venv/bin/python -m benchmarks.ablation                         # all tasks
+  .venv/bin/python -m benchmarks.ablation --tasks mnist1d_mlp --rows levers
+  .venv/bin/python -m benchmarks.ablation --rows finalists --tasks char_transformer
 
 Rows (``--rows``): ``levers`` (every lever, for the cheap tasks), ``finalists``
 (the baselines, the ceiling and the best levers, for the costly tasks),
@@ -29,9 +29,12 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.cli import add_out
+
+#: How a task's process starts: the training harness, as a module (the
+#: child inherits the working directory, the repository's root).
+TRAINING = (sys.executable, "-m", "benchmarks.training")
 
 #: Baselines and the ceiling: every table carries them.
 BASELINES = (
@@ -120,7 +123,7 @@ def main(argv=None):
                  help="the row set for every task (default: levers on the "
                       "MNIST-1D MLP and autoencoder, finalists on the others)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
+  add_out(p)
   p.add_argument("--batch-sweep", action="store_true",
                  help="instead: steps to target against batch size "
                       f"({', '.join(map(str, BATCH_SIZES))}) on "
@@ -132,8 +135,7 @@ def main(argv=None):
   if args.batch_sweep:
     for task in BATCH_TASKS:
       for batch in BATCH_SIZES:
-        cmd = [sys.executable, str(_ROOT / "benchmarks" / "training.py"),
-               "--tasks", task, "--batch", str(batch),
+        cmd = [*TRAINING, "--tasks", task, "--batch", str(batch),
                "--tag", f"batch_{task}_b{batch}", "--out", str(args.out),
                "--seeds", *map(str, args.seeds), "--tune-all", "--select", "steps",
                "--optimizers", ",".join(BATCH_ROWS), *args.extra]
@@ -144,8 +146,7 @@ def main(argv=None):
     return
   for task in args.tasks:
     rows = ROWS[args.rows or DEFAULT_ROWS.get(task, "finalists")]
-    cmd = [sys.executable, str(_ROOT / "benchmarks" / "training.py"),
-           "--tasks", task, "--tag", f"ablation_{task}", "--out", str(args.out),
+    cmd = [*TRAINING, "--tasks", task, "--tag", f"ablation_{task}", "--out", str(args.out),
            "--seeds", *map(str, args.seeds), "--tune-all", "--select", "steps",
            "--optimizers", ",".join(rows), *args.extra]
     print(f"== {task}: {len(rows)} rows [{(time.perf_counter() - t0) / 60:.1f} min]",

@@ -28,6 +28,7 @@ measures the overhead of cheaper llqr settings on the MLP. Writes
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import math
@@ -35,22 +36,18 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
-from typing import Sequence
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `python benchmarks/cost.py` from anywhere
-  sys.path.insert(0, str(_ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-import llqr_optax  # noqa: E402
-from benchmarks import datasets  # noqa: E402
-from benchmarks import provenance as provenance_lib  # noqa: E402
+import llqr_optax
+from benchmarks import datasets, plotting
+from benchmarks import provenance as provenance_lib
+from benchmarks.cli import add_out
+from benchmarks.common import train_step
+from benchmarks.models import CNN, MLP, CharTransformer, ResNet1D
 
 LOSS = "softmax_cross_entropy"
 DEFAULT_REFIT_EVERY = inspect.signature(llqr_optax.scale_by_llqr).parameters[
@@ -65,42 +62,26 @@ CANDIDATES = {
 }
 
 
-class MLP(nn.Module):
-  widths: Sequence[int] = (100, 100)
-
-  @nn.compact
-  def __call__(self, x):
-    for w in self.widths:
-      x = nn.relu(nn.Dense(w)(x))
-    return nn.Dense(10)(x)
-
-
-class CNN(nn.Module):
-  """Two 1-D convolutions (32 channels, width 5) and a dense head."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = x[..., None]
-    x = nn.relu(nn.Conv(32, (5,))(x))
-    x = nn.relu(nn.Conv(32, (5,))(x))
-    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+def _mlp(width: int) -> MLP:
+  """MLP 40-w-w-10 (relu), the demo's layer names."""
+  return MLP((width, width), head_name=None)
 
 
 def tasks(quick, realistic=False):
   """``name -> (model, batch, data)``: data ``None`` is MNIST-1D; otherwise a
   ``(seed, n) -> (xs, ys)`` batch generator of ``benchmarks/tasks.py``."""
-  out = {"mnist1d_mlp_40-100-100-10": (MLP((100, 100)), 128, None)}
+  out = {"mnist1d_mlp_40-100-100-10": (_mlp(100), 128, None)}
   if not quick:
-    out["mnist1d_mlp_40-512-512-10"] = (MLP((512, 512)), 128, None)
+    out["mnist1d_mlp_40-512-512-10"] = (_mlp(512), 128, None)
     out["mnist1d_cnn_conv32x2"] = (CNN(), 128, None)
   if realistic:
     # Models whose Adam step takes >= 5 ms on a 2-core CPU.
     from benchmarks import tasks as tasks_lib
     lm = tasks_lib.get_task("char_transformer")
-    out["mnist1d_mlp_40-1024-1024-10_b512"] = (MLP((1024, 1024)), 512, None)
-    out["mnist1d_resnet_c32"] = (tasks_lib.ResNet1D(channels=32, blocks=2), 128, None)
+    out["mnist1d_mlp_40-1024-1024-10_b512"] = (_mlp(1024), 512, None)
+    out["mnist1d_resnet_c32"] = (ResNet1D(channels=32, blocks=2), 128, None)
     out["char_transformer_d64"] = (
-        tasks_lib.CharTransformer(lm.info["vocab"], lm.info["context"], 64, 4, 2),
+        CharTransformer(lm.info["vocab"], lm.info["context"], 64, 4, 2),
         32, lm.batches)
   return out
 
@@ -108,24 +89,6 @@ def tasks(quick, realistic=False):
 def nbytes(tree):
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree))
-
-
-def loss_fn(logits, y):
-  """Mean softmax cross-entropy over every leading axis (tokens included)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def make_step(model, tx, uses_llqr, refit=None):
-  """One training step; ``refit`` (a Python bool) selects llqr's static path."""
-  def step(params, opt_state, x, y):
-    apply_fn = lambda p: model.apply(p, x)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p), y))(params)
-    extra = dict(apply_fn=apply_fn, targets=y) if uses_llqr else {}
-    if refit is not None:
-      extra["refit"] = refit
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
 
 
 class Runner:
@@ -146,7 +109,8 @@ class Runner:
     x, y = batches[0]
     tic = time.perf_counter()
     flags = (False, True) if static else (None,)
-    self.steps = {f: jax.jit(make_step(model, tx, uses_llqr, f)).lower(
+    step = train_step(model, tx, uses_llqr)
+    self.steps = {f: jax.jit(functools.partial(step, refit=f)).lower(
         self.params, self.state, x, y).compile() for f in flags}
     self.compile_seconds = time.perf_counter() - tic
 
@@ -248,11 +212,7 @@ def memory_report(params):
 
 
 def plot(report, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+  fig, axes = plotting.pyplot().subplots(2, 2, figsize=(12, 8))
   ax = axes[0, 0]
   names = [t["task"] for t in report["tasks"]]
   width = 0.8 / len(STRUCTURES)
@@ -308,9 +268,7 @@ def plot(report, path):
     ax.legend(fontsize=8)
   for ax in axes.flat:
     ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save(fig, path)
 
 
 def main(argv=None):
@@ -339,7 +297,7 @@ def main(argv=None):
                       help="also measure the one-step lax.cond loop (default yes)")
   parser.add_argument("--no-sweep", action="store_true",
                       help="skip the refit-cost sweep over batch size and width")
-  parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
+  add_out(parser)
   args = parser.parse_args(argv)
   repeats = args.repeats or (2 if args.quick else 7)
   batches_sweep = args.batches or ([128] if args.quick else [32, 64, 128, 256, 512, 1024])
@@ -395,7 +353,7 @@ def main(argv=None):
       if batch == 128 and width == 100 and default_mlp is not None:
         res = default_mlp  # the MLP task's default point, already measured
       else:
-        model = MLP((width, width))
+        model = _mlp(width)
         batches = make_batches(data, batch, 4)
         params = model.init(jax.random.PRNGKey(0), batches[0][0])
         res = measure(model, params, batches, {}, max(1, repeats // 3), log,
@@ -408,8 +366,8 @@ def main(argv=None):
 
   wall = time.perf_counter() - t0
   report["meta"] = dict(
-      command=" ".join(["python", "benchmarks/cost.py", *(argv if argv is not None
-                                                          else sys.argv[1:])]),
+      command=" ".join(["python", "-m", "benchmarks.cost",
+                        *(argv if argv is not None else sys.argv[1:])]),
       git=provenance_lib.git("describe", "--always", "--dirty"),
       jax=jax.__version__, optax=optax.__version__, backend=jax.default_backend(),
       devices=str(jax.devices()), cpu_count=os.cpu_count(),

@@ -1,6 +1,7 @@
 """Adam and SGD-momentum, each alone and wrapped by llqr, on MNIST-1D (Flax linen MLP).
 
-Run with ``make demo`` (or ``.venv/bin/python benchmarks/demo.py``). For each
+Run with ``make demo`` (or ``.venv/bin/python -m benchmarks.demo`` from the
+repository's root). For each
 seed (``--seeds``, default 0 1 2) the four optimizers start from the same
 initial parameters and see the same batches, interleaved step by step so they
 share the machine's load. One seed decides little here (on seed 0 Adam may
@@ -22,35 +23,20 @@ import argparse
 import json
 import os
 import platform
-import sys
 import statistics
 import time
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `python benchmarks/demo.py` from anywhere
-  sys.path.insert(0, str(_ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-import llqr_optax  # noqa: E402
-from benchmarks import datasets  # noqa: E402
-
-BATCH = 128
-
-
-class MLP(nn.Module):
-  """40 → 100 → 100 → 10, relu."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(100)(x))
-    x = nn.relu(nn.Dense(100)(x))
-    return nn.Dense(10)(x)
+import llqr_optax
+from benchmarks import datasets, plotting
+from benchmarks.cli import add_out, check_steps
+from benchmarks.common import (BATCH, batch_indices, demo_mlp, make_eval, make_step,
+                               smooth)
+from benchmarks.formatting import spread
 
 
 def optimizers(adam_lr, sgd_lr):
@@ -65,51 +51,6 @@ def optimizers(adam_lr, sgd_lr):
   }
 
 
-def loss_fn(logits, y):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def make_step(model, tx, uses_llqr):
-  """A jitted training step; llqr's gets the model function and targets."""
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    apply_fn = lambda p: model.apply(p, x)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p), y))(params)
-    extra = dict(apply_fn=apply_fn, targets=y) if uses_llqr else {}
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
-
-
-def make_eval(model):
-  @jax.jit
-  def evaluate(params, x, y):
-    logits = model.apply(params, x)
-    return loss_fn(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
-  return evaluate
-
-
-def batch_indices(num_train, steps, seed):
-  """Shuffled epochs of full batches, concatenated: (steps, BATCH) indices."""
-  rng = np.random.default_rng(seed)
-  per_epoch = num_train // BATCH
-  epochs = -(-steps // per_epoch)
-  idx = [rng.permutation(num_train)[:per_epoch * BATCH].reshape(per_epoch, BATCH)
-         for _ in range(epochs)]
-  return np.concatenate(idx)[:steps]
-
-
-def smooth(values, beta=0.98):
-  """Bias-corrected exponential moving average."""
-  out, avg = [], 0.0
-  for t, v in enumerate(values, 1):
-    avg = beta * avg + (1 - beta) * v
-    out.append(avg / (1 - beta ** t))
-  return np.asarray(out)
-
-
 def plot(curves, path, title):
   """Median over seeds of the smoothed loss, with the min–max band.
 
@@ -118,33 +59,19 @@ def plot(curves, path, title):
     path: the PNG to write.
     title: the plot's title.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig, ax = plotting.pyplot().subplots(figsize=(7, 4.2))
   for name, per_seed in curves.items():
     smoothed = np.stack([smooth(losses) for losses in per_seed])
     steps = np.arange(1, smoothed.shape[1] + 1)
-    line, = ax.plot(steps, np.median(smoothed, axis=0), label=name)
-    ax.fill_between(steps, smoothed.min(axis=0), smoothed.max(axis=0),
-                    color=line.get_color(), alpha=0.15, linewidth=0)
+    plotting.median_band(ax, steps, np.median(smoothed, axis=0), smoothed.min(axis=0),
+                         smoothed.max(axis=0), label=name)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (batch, smoothed)")
   ax.set_title(title)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def spread(values, digits=4, scale=1.0, suffix=""):
-  """``median [min–max]`` of a list of numbers, as text."""
-  v = [scale * x for x in values]
-  f = lambda x: f"{x:.{digits}f}{suffix}"
-  return f"{f(statistics.median(v))} [{f(min(v))}–{f(max(v))}]"
+  plotting.save(fig, path, dpi=120)
 
 
 def format_table(rows, seeds):
@@ -246,8 +173,7 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                       help="seeds of the initialisation and the batch order "
                            "(default 0 1 2)")
-  parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out",
-                      help="folder for demo.png and demo.json")
+  add_out(parser, "folder for demo.png and demo.json")
   parser.add_argument("--adam-lr", type=float, default=1e-2,
                       help="learning rate of adam and llqr+adam (default 1e-2, "
                            "the best plain-Adam rate of 1e-3, 3e-3, 1e-2, 3e-2 "
@@ -257,8 +183,7 @@ def main(argv=None):
   parser.add_argument("--log-every", type=int, default=500,
                       help="print a progress line every N steps")
   args = parser.parse_args(argv)
-  if args.steps < 2:
-    parser.error("--steps must be at least 2 (the first step compiles).")
+  check_steps(parser, args.steps)
   if len(set(args.seeds)) != len(args.seeds):
     parser.error(f"--seeds {args.seeds} repeats a seed.")
 
@@ -270,7 +195,7 @@ def main(argv=None):
         f"{' '.join(map(str, args.seeds))}; adam lr {args.adam_lr}, sgd lr "
         f"{args.sgd_lr}; jax {jax.__version__} on {jax.default_backend()}", flush=True)
 
-  model = MLP()
+  model = demo_mlp()
   evaluate = make_eval(model)
   txs = optimizers(args.adam_lr, args.sgd_lr)
   names = list(txs)

@@ -10,7 +10,7 @@ the first step where they are not (there should be none), llqr's counters
 each refit and reduction ratio, and the range of the fitted preconditioner's
 entries.
 
-Run ``.venv/bin/python benchmarks/long_run.py`` (10,000 steps) or with
+Run ``.venv/bin/python -m benchmarks.long_run`` (10,000 steps) or with
 ``--steps 2000``. Writes ``long_run.json`` and ``long_run.png`` to ``--out``
 (default ``benchmarks/out``).
 """
@@ -21,22 +21,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `python benchmarks/long_run.py` from anywhere
-  sys.path.insert(0, str(_ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import llqr_optax  # noqa: E402
-from benchmarks import datasets  # noqa: E402
-from benchmarks.demo import BATCH, MLP, batch_indices, loss_fn, smooth  # noqa: E402
+import llqr_optax
+from benchmarks import datasets, plotting
+from benchmarks.cli import add_out
+from benchmarks.common import (BATCH, batch_indices, cross_entropy, demo_mlp, smooth,
+                               train_step)
 
 
 def all_finite(tree):
@@ -46,13 +42,14 @@ def all_finite(tree):
 
 
 def make_step(model, tx, uses_llqr):
+  """The demo's step, jitted, returning what the run logs besides the loss:
+  finiteness of params and state, max |θ|, and llqr's counters and the range
+  of its preconditioner's entries."""
+  base = train_step(model, tx, uses_llqr)
+
   @jax.jit
   def step(params, opt_state, x, y):
-    apply_fn = lambda p: model.apply(p, x)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p), y))(params)
-    extra = dict(apply_fn=apply_fn, targets=y) if uses_llqr else {}
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
+    params, opt_state, loss = base(params, opt_state, x, y)
     info = dict(loss=loss, finite=all_finite((params, opt_state)),
                 param_max=jnp.max(jnp.stack([jnp.max(jnp.abs(p))
                                              for p in jax.tree.leaves(params)])))
@@ -73,7 +70,7 @@ def make_step(model, tx, uses_llqr):
 
 def run_one(name, tx, uses_llqr, model, params0, data, idx, args, t_start):
   step = make_step(model, tx, uses_llqr)
-  evaluate = jax.jit(lambda p, x, y: (loss_fn(model.apply(p, x), y),
+  evaluate = jax.jit(lambda p, x, y: (cross_entropy(model.apply(p, x), y),
                                       jnp.mean(jnp.argmax(model.apply(p, x), -1) == y)))
   params, state = params0, tx.init(params0)
   x_train, y_train = data["x_train"], data["y_train"]
@@ -126,11 +123,7 @@ def run_one(name, tx, uses_llqr, model, params0, data, idx, args, t_start):
 
 
 def plot(curves, path, title):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  fig, axes = plotting.pyplot().subplots(1, 2, figsize=(12, 4.2))
   for name, c in curves.items():
     losses = np.asarray(c["losses"])
     finite = np.where(np.isfinite(losses), losses, np.nan)
@@ -150,9 +143,7 @@ def plot(curves, path, title):
   for ax in axes:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save(fig, path)
 
 
 def main(argv=None):
@@ -166,13 +157,13 @@ def main(argv=None):
                       help="skip the plain-Adam reference runs")
   parser.add_argument("--eval-every", type=int, default=500)
   parser.add_argument("--log-every", type=int, default=1000)
-  parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
+  add_out(parser)
   args = parser.parse_args(argv)
 
   t_start = time.perf_counter()
   raw = datasets.mnist1d()
   data = {k: jnp.asarray(v) for k, v in raw.items()}
-  model = MLP()
+  model = demo_mlp()
   params0 = model.init(jax.random.PRNGKey(args.seed), data["x_train"][:1])
   idx = batch_indices(data["x_train"].shape[0], args.steps, args.seed)
   print(f"MNIST-1D MLP 40-100-100-10, batch {BATCH}, {args.steps} steps, lrs "

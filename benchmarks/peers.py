@@ -54,7 +54,7 @@ update probability annealed from 1 to 0.03, triangular Kronecker factors up to
 main environment; :data:`UNAVAILABLE` says why), so the harness skips the
 others with a note instead of failing.
 
-``python benchmarks/peers.py --check`` imports the whole peer stack together
+``python -m benchmarks.peers --check`` imports the whole peer stack together
 and prints the versions (``make bench-peers`` runs it after installing);
 ``--registrations TASK`` prints the layers kfac-jax's graph matcher registers
 for one of the tasks of ``benchmarks/tasks.py``.
@@ -63,19 +63,17 @@ for one of the tasks of ``benchmarks/tasks.py``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
-import sys
-from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `python benchmarks/peers.py` from anywhere
-  sys.path.insert(0, str(_ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+from benchmarks.common import cross_entropy as mean_cross_entropy
+from benchmarks.training_optimizers import Runner
 
 # Fixed K-FAC damping. The loss is a per-example mean, so the GGN is O(1) per
 # example; of 1e-3, 1e-2 and 1e-1 this trained best on the MNIST-1D MLP (see
@@ -91,33 +89,22 @@ KFAC_INITIAL_DAMPING = 1.0
 KFAC_MIN_DAMPING = 1e-3
 
 
-class Runner(NamedTuple):
-  """An optimizer as the harness drives it (see ``benchmarks/training.py``)."""
-  init: Callable[[Any, jax.Array], Any]
-  step: Callable[..., Tuple[Any, Any, jax.Array]]
+def _peer_import(module: str, package: str, attr: str = ""):
+  """``module`` (or its ``attr``), which only the peer environment has."""
+  try:
+    found = importlib.import_module(module)
+    return getattr(found, attr) if attr else found
+  except (ImportError, AttributeError) as e:  # pragma: no cover - main env
+    raise ImportError(f"{package} is only in the peer environment: run "
+                      "`make bench-peers` (builds .venv-peers).") from e
 
 
 def _import_kfac():
-  try:
-    import kfac_jax  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - main env
-    raise ImportError("kfac-jax is only in the peer environment: run "
-                      "`make bench-peers` (builds .venv-peers).") from e
-  return kfac_jax
+  return _peer_import("kfac_jax", "kfac-jax")
 
 
 def _import_kron():
-  try:
-    from psgd_jax.kron import kron  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - main env
-    raise ImportError("psgd-jax is only in the peer environment: run "
-                      "`make bench-peers` (builds .venv-peers).") from e
-  return kron
-
-
-def mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over every axis of ``labels``."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return _peer_import("psgd_jax.kron", "psgd-jax", "kron")
 
 
 def registered_loss(apply_fn: Callable, params, x, y) -> jax.Array:

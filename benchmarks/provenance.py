@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict
 
-_ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.cli import ROOT as _ROOT
 
 
 def git(*args: str) -> str:
@@ -31,11 +31,31 @@ def cpu_model() -> str:
   return platform.processor()
 
 
-def of_script(script: str | Path) -> Dict[str, Any]:
-  """The commit, ``script``'s state in it and its hash, and the CPU model."""
-  script = Path(script).resolve()
-  return dict(git=git("describe", "--always", "--dirty"),
-              script_git_status=git("status", "--porcelain", "--", str(script))
-              or "clean",
-              script_sha256=hashlib.sha256(script.read_bytes()).hexdigest(),
-              cpu_model=cpu_model())
+def of_script(script: str | Path, *parts: str | Path) -> Dict[str, Any]:
+  """The commit, the state in it of ``script`` and of the modules it is split
+  into (``parts``), their hash, and the CPU model.
+
+  ``script_sha256`` hashes the files' bytes one after the other (``script``'s
+  alone without ``parts``); ``script_git_status`` is ``git status
+  --porcelain`` of them all (``"clean"`` if empty); ``script_parts`` lists the
+  parts, relative to the repository, when there are any.
+  """
+  paths = [Path(p).resolve() for p in (script, *parts)]
+  digest = hashlib.sha256()
+  for path in paths:
+    digest.update(path.read_bytes())
+  out = dict(git=git("describe", "--always", "--dirty"),
+             script_git_status=git("status", "--porcelain", "--", *map(str, paths))
+             or "clean",
+             script_sha256=digest.hexdigest(),
+             cpu_model=cpu_model())
+  if parts:
+    out["script_parts"] = [_relative(p) for p in paths[1:]]
+  return out
+
+
+def _relative(path: Path) -> str:
+  try:
+    return path.relative_to(_ROOT).as_posix()
+  except ValueError:
+    return str(path)

@@ -7,7 +7,7 @@ seeds. Writes ``sweep.json`` to ``--out``.
 
 Example::
 
-  .venv/bin/python benchmarks/sweep.py --steps 1000 --seeds 0 1 \\
+  .venv/bin/python -m benchmarks.sweep --steps 1000 --seeds 0 1 \\
       --config adam --config "damping=0.1" --config "structure='kronecker'"
 
 A config is ``adam`` (plain Adam at ``--lr``), ``adam:RATE``, or keyword
@@ -19,22 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import llqr_optax  # noqa: E402
-from benchmarks import datasets  # noqa: E402
-from benchmarks.demo import MLP, batch_indices, make_eval, make_step  # noqa: E402
+import llqr_optax
+from benchmarks import datasets
+from benchmarks.cli import add_out
+from benchmarks.common import batch_indices, demo_mlp, make_eval, make_step
 
 
 def parse_config(text: str, lr: float):
@@ -53,13 +48,13 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   parser.add_argument("--lr", type=float, default=1e-2, help="Adam's rate")
-  parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "out")
+  add_out(parser)
   args = parser.parse_args(argv)
 
   data = datasets.mnist1d()
   x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
   xt, yt = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
-  model = MLP()
+  model = demo_mlp()
   evaluate = make_eval(model)
   rows = []
   for config in args.config:

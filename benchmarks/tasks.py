@@ -13,11 +13,12 @@ deterministic batch order per seed and a held-out evaluation:
   model on the Python documentation that ships with CPython
   (``pydoc_data.topics``); the last 10% of the text is held out.
 
-Models are ``flax.linen`` modules whose parameters are a plain pytree (no
-mutable collections), so every optimizer, ``llqr`` included, sees the same
-``params``. This module deliberately uses nothing beyond ``flax.linen``,
-``jax`` and ``numpy`` so that it imports on older pinned stacks as well
-(e.g. jax 0.8.2 / flax 0.10.7, where ``flax.nnx`` does not import).
+The models are those of :mod:`benchmarks.models` (``flax.linen`` modules
+whose parameters are a plain pytree, so every optimizer, ``llqr`` included,
+sees the same ``params``). This module deliberately uses nothing beyond
+``flax.linen``, ``jax``, ``optax`` and ``numpy`` so that it imports on older
+pinned stacks as well (e.g. jax 0.8.2 / flax 0.10.7, where ``flax.nnx`` does
+not import).
 
 ``quick=True`` shrinks every task (small models, few steps, small evaluation
 sets) for the tests.
@@ -37,20 +38,17 @@ import dataclasses
 import functools
 import hashlib
 import sys
-from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `python benchmarks/tasks.py` from anywhere
-  sys.path.insert(0, str(_ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-from benchmarks import datasets  # noqa: E402
+from benchmarks import datasets
+from benchmarks.common import cross_entropy
+from benchmarks.models import MLP, CharTransformer, ResNet1D
 
 Params = Any
 Array = Any
@@ -110,11 +108,6 @@ class Task:
     return LOSSES[self.loss](self.apply(params, x), y)
 
 
-def cross_entropy(logits: Array, labels: Array) -> Array:
-  """Mean softmax cross-entropy with integer labels over all leading axes."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def squared_error(outputs: Array, targets: Array) -> Array:
   """Half squared error averaged over all elements (llqr's ``"squared_error"``)."""
   return 0.5 * jnp.mean(jnp.square(outputs - targets))
@@ -126,121 +119,6 @@ LOSSES = {"softmax_cross_entropy": cross_entropy, "squared_error": squared_error
 
 def count_params(params: Params) -> int:
   return int(sum(np.prod(np.shape(v)) for v in jax.tree_util.tree_leaves(params)))
-
-
-# --------------------------------------------------------------------------
-# Models.
-
-
-class MLP(nn.Module):
-  """Dense layers of the given widths (relu or tanh), then a linear head."""
-
-  widths: Tuple[int, ...] = (100, 100)
-  classes: int = 10
-  activation: str = "relu"
-
-  @nn.compact
-  def __call__(self, x):
-    act = {"relu": nn.relu, "tanh": jnp.tanh}[self.activation]
-    for w in self.widths:
-      x = act(nn.Dense(w)(x))
-    return nn.Dense(self.classes, name="head")(x)
-
-
-class ResBlock1D(nn.Module):
-  """Pre-activation residual block: x + conv(relu(LN(conv(relu(LN(x)))))).
-
-  The convolutions have no bias: a LayerNorm follows the first, and the
-  second's would only shift the residual stream.
-  """
-
-  channels: int
-  kernel: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    conv = lambda name: nn.Conv(self.channels, (self.kernel,), use_bias=False,
-                                name=name)
-    h = conv("conv1")(nn.relu(nn.LayerNorm()(x)))
-    h = conv("conv2")(nn.relu(nn.LayerNorm()(h)))
-    return x + h
-
-
-class ResNet1D(nn.Module):
-  """Stem convolution, residual blocks, LayerNorm, global mean pool, dense head.
-
-  Input ``(B, L)`` signals are read as one channel of length ``L``.
-  """
-
-  channels: int = 32
-  blocks: int = 2
-  stem_kernel: int = 5
-  classes: int = 10
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.Conv(self.channels, (self.stem_kernel,), name="stem")(x[..., None])
-    for i in range(self.blocks):
-      h = ResBlock1D(self.channels, name=f"block{i}")(h)
-    h = nn.relu(nn.LayerNorm()(h)).mean(axis=1)
-    return nn.Dense(self.classes, name="head")(h)
-
-
-class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention from plain Dense layers (2-D kernels)."""
-
-  d_model: int
-  heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    b, t, d = x.shape
-    hd = self.d_model // self.heads
-    qkv = nn.Dense(3 * self.d_model, name="qkv")(x).reshape(b, t, 3, self.heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd).astype(x.dtype)
-    causal = np.tril(np.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-    attn = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, self.d_model)
-    return nn.Dense(self.d_model, name="out")(out)
-
-
-class TransformerBlock(nn.Module):
-  """Pre-LayerNorm block: x + attn(LN(x)), then x + MLP(LN(x)) (GELU, 4×)."""
-
-  d_model: int
-  heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = x + CausalSelfAttention(self.d_model, self.heads, name="attn")(
-        nn.LayerNorm(name="ln1")(x))
-    h = nn.Dense(4 * self.d_model, name="fc")(nn.LayerNorm(name="ln2")(x))
-    return x + nn.Dense(self.d_model, name="proj")(nn.gelu(h))
-
-
-class CharTransformer(nn.Module):
-  """Causal character-level Transformer LM with learned positions.
-
-  ``(B, T)`` int tokens → ``(B, T, vocab)`` next-token logits.
-  """
-
-  vocab: int
-  context: int = 64
-  d_model: int = 64
-  heads: int = 4
-  layers: int = 2
-
-  @nn.compact
-  def __call__(self, tokens):
-    t = tokens.shape[1]
-    h = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
-    pos = self.param("pos", nn.initializers.normal(0.02), (self.context, self.d_model))
-    h = h + pos[:t]
-    for i in range(self.layers):
-      h = TransformerBlock(self.d_model, self.heads, name=f"layer{i}")(h)
-    return nn.Dense(self.vocab, name="head")(nn.LayerNorm(name="ln_f")(h))
 
 
 # --------------------------------------------------------------------------
@@ -454,7 +332,7 @@ def get_task(name: str, quick: bool = False, batch: Optional[int] = None) -> Tas
   return _BUILDERS[name](quick, batch=batch)
 
 
-if __name__ == "__main__":  # a quick look at every task
+if __name__ == "__main__":  # a quick look at every task: python -m benchmarks.tasks
   for n in TASK_NAMES:
     t = get_task(n, quick="--quick" in sys.argv)
     p = t.init(jax.random.PRNGKey(0))

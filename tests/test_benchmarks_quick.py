@@ -50,7 +50,7 @@ def test_quick_writes_json_and_plots(quick_run):
   for name in ("quality.json", "quality_rho.png", "quality_compute.png"):
     assert (out / name).stat().st_size > 0, name
   on_disk = json.loads((out / "quality.json").read_text())
-  assert on_disk["meta"]["command"].startswith("python benchmarks/quality.py --quick")
+  assert on_disk["meta"]["command"].startswith("python -m benchmarks.quality --quick")
   assert on_disk["rows"] and on_disk["compute"] and on_disk["checks"]
 
 

@@ -46,7 +46,7 @@ def training_run(tmp_path_factory):
 def test_training_quick_writes_json_and_plots(training_run):
   out, data = training_run
   on_disk = json.loads((out / "training_ci.json").read_text())
-  assert on_disk["meta"]["command"].startswith("python benchmarks/training.py --quick")
+  assert on_disk["meta"]["command"].startswith("python -m benchmarks.training --quick")
   assert "no_such_optimizer" in on_disk["meta"]["skipped"]
   for name in bench_tasks.TASK_NAMES:
     assert (out / f"training_ci_{name}.png").stat().st_size > 0, name

@@ -327,7 +327,7 @@ def test_cost_benchmark_quick_mode_runs(tmp_path):
     assert task["overhead_static_refit"]["ratio_mean"] > 0
     assert task["compile_seconds"]["llqr+adam"] > 0
   assert report["refit_scaling"]
-  assert report["meta"]["command"].startswith("python benchmarks/cost.py --quick")
+  assert report["meta"]["command"].startswith("python -m benchmarks.cost --quick")
 
   from benchmarks import results
   md = results.main(["--in", str(tmp_path), "--md", str(tmp_path / "R.md")])
