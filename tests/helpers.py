@@ -72,9 +72,9 @@ def classification_batch(key, batch, d_in, classes):
           jax.random.randint(ky, (batch,), 0, classes))
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, y):
   """optax's softmax cross-entropy with integer labels, averaged."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 # --- dense references ----------------------------------------------------------
