@@ -193,8 +193,10 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
-def shapes_and_dtypes(tree):
-  """``tree`` with each leaf replaced by ``(shape, dtype)``: what ``jit`` and
-  ``lax.cond`` need to be equal between steps (works on ``eval_shape``'s
-  abstract leaves too)."""
-  return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), tree)
+def assert_same_shapes_and_dtypes(a, b):
+  """The same tree (node types included) and, leaf by leaf, the same shape
+  and dtype: what ``jit`` and ``lax.cond`` need to be equal between steps.
+  Leaves may be ``jax.eval_shape``'s abstract values."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert (tuple(x.shape), x.dtype) == (tuple(y.shape), y.dtype), (x, y)

@@ -18,11 +18,15 @@ from llqr_optax.structures import (DenseState, DiagonalState,
                                    ScalarState)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x32():
-  """float32 throughout, whatever other test modules set globally."""
-  with jax.enable_x64(False):
-    yield
+@pytest.fixture(scope="module")
+def fixture_dtype():
+  return jnp.zeros(()).dtype
+
+
+def test_the_module_and_its_fixtures_run_in_float32(fixture_dtype):
+  """Unmarked modules run in float32 (tests/conftest.py), whatever ran before."""
+  assert fixture_dtype == jnp.float32
+  assert jnp.zeros(()).dtype == jnp.float32
 
 
 def normal(seed, shape):
