@@ -24,6 +24,7 @@ order changes; every test still runs.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 #: Slowest first (seconds on a 2-core CPU, 2026-12); the rest keep their order.
@@ -55,3 +56,9 @@ def _jax_dtypes(request):
   """float64 for the tests of a module marked ``x64``, float32 for others."""
   with jax.enable_x64(request.node.get_closest_marker("x64") is not None):
     yield
+
+
+@pytest.fixture(scope="module")
+def module_float():
+  """JAX's default float dtype while a module's fixtures are set up."""
+  return jnp.zeros(()).dtype

@@ -12,6 +12,8 @@ Test modules import this file as ``helpers`` (pytest puts ``tests/`` on
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,19 @@ from llqr_optax import structures
 #: Every structure by name, and "auto", which picks one per leaf.
 STRUCTURES = tuple(structures.STRUCTURES)
 ALL_STRUCTURES = STRUCTURES + ("auto",)
+
+
+@contextlib.contextmanager
+def most_optimizations_disabled():
+  """XLA's optimisation passes off for the programs compiled inside (tiny
+  programs compile much faster, and compute the same to rounding); the
+  previous setting comes back after."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 # --- model and data ----------------------------------------------------------

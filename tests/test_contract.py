@@ -51,10 +51,8 @@ jit = functools.partial(
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  with helpers.most_optimizations_disabled():
+    yield
 
 
 def make_llqr(structure, geometry, factory=llqr_optax.llqr):

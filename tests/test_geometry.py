@@ -47,10 +47,8 @@ def _fast_compiles_and_report():
   # These tests compile a few dozen tiny programs; XLA's optimisation passes
   # dominate their run time and buy nothing here. The flag only changes how programs
   # compiled inside this module are optimised; it is restored afterwards.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  with helpers.most_optimizations_disabled():
+    yield
   for tol in sorted({t for t, _ in _ERRORS}):
     errs = {k: e for (t, k), e in _ERRORS.items() if t == tol}
     worst = max(errs, key=errs.get)

@@ -15,11 +15,8 @@ TOL = 1e-12
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-  # Tiny programs: skip XLA's optimisation passes while this module compiles.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  with helpers.most_optimizations_disabled():  # tiny programs
+    yield
 
 
 # Inputs come from NumPy: eager jax.random would compile per shape (slow).
@@ -37,15 +34,9 @@ def _close(a, b, tol=TOL):
   assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
 
 
-@pytest.fixture(scope="module")
-def fixture_dtype():
-  return jnp.zeros(()).dtype
-
-
-def test_the_module_and_its_fixtures_run_in_float64(fixture_dtype):
+def test_the_module_and_its_fixtures_run_in_float64(module_float):
   """The ``x64`` mark (tests/conftest.py) reaches module fixtures too."""
-  assert fixture_dtype == jnp.float64
-  assert jnp.zeros(()).dtype == jnp.float64
+  assert module_float == jnp.zeros(()).dtype == jnp.float64
 
 
 # --- values ----------------------------------------------------------------

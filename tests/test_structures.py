@@ -18,15 +18,9 @@ from llqr_optax.structures import (DenseState, DiagonalState,
                                    ScalarState)
 
 
-@pytest.fixture(scope="module")
-def fixture_dtype():
-  return jnp.zeros(()).dtype
-
-
-def test_the_module_and_its_fixtures_run_in_float32(fixture_dtype):
+def test_the_module_and_its_fixtures_run_in_float32(module_float):
   """Unmarked modules run in float32 (tests/conftest.py), whatever ran before."""
-  assert fixture_dtype == jnp.float32
-  assert jnp.zeros(()).dtype == jnp.float32
+  assert module_float == jnp.zeros(()).dtype == jnp.float32
 
 
 def normal(seed, shape):
