@@ -70,12 +70,12 @@ def batch(t):
   return helpers.classification_batch(jax.random.key(100 + t), BATCH, SIZES[0], SIZES[-1])
 
 
-def traced_update(tx, params, **kw):
-  """``(updates, state)`` of ``tx.update`` from ``tx.init``, abstract (traced)."""
+def traced_update(tx, params, state, **kw):
+  """``(updates, new state)`` of ``tx.update`` from ``state``, abstract (traced)."""
   x, y = batch(0)
   grads = jax.tree.map(jnp.ones_like, params)
   return jax.eval_shape(lambda s: tx.update(grads, s, params, apply_fn=lambda p: mlp(p, x),
-                                            targets=y, **kw), tx.init(params))
+                                            targets=y, **kw), state)
 
 
 def test_the_grid_covers_every_structure_and_compiles_every_geometry():
@@ -98,7 +98,7 @@ def check_traced(structure, geometry, dtype, refit):
   assert_same_shapes_and_dtypes(jax.eval_shape(tx.init, params), state)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(
       llqr_optax.find_state(state).preconditioner))
-  updates, new_state = traced_update(tx, params, refit=refit)
+  updates, new_state = traced_update(tx, params, state, refit=refit)
   assert_same_shapes_and_dtypes(updates, params)
   assert_same_shapes_and_dtypes(new_state, state)
 
@@ -123,7 +123,7 @@ def test_traced_under_inject_hyperparams(structure):
   params = init_params()
   state = tx.init(params)
   assert set(state.hyperparams) == {"damping", "ema"}
-  updates, new_state = traced_update(tx, params)
+  updates, new_state = traced_update(tx, params, state)
   assert_same_shapes_and_dtypes(updates, params)
   assert_same_shapes_and_dtypes(new_state, state)
 
