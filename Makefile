@@ -14,13 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The docstring examples run in their own pytest process, before the suite:
-# some test modules enable float64 globally, which the examples must not see.
-# The suite runs on two worker processes (pytest-xdist), a test file per
-# worker at a time (module fixtures run once); `pytest -n 0` runs it in one.
+# One pytest command runs the docstring examples and the suite, on two worker
+# processes (pytest-xdist), a file per worker at a time (module fixtures run
+# once); `pytest -n 0` runs it in one. JAX stays in float32 there: the test
+# modules that need float64 get it for their own tests only (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --doctest-modules llqr_optax
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --doctest-modules llqr_optax tests
 
 demo: $(STAMP)
 	$(BIN)/python -m benchmarks.demo

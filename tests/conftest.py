@@ -1,14 +1,31 @@
-"""Suite-wide pytest setup: the slowest test files are collected first.
+"""Suite-wide pytest setup: JAX's dtypes per test module, slowest files first.
 
-``make test`` runs the suite on two pytest-xdist workers, one test file at a
-time per worker (``--dist loadfile``), handing out files in collection
-order. Starting with the slowest files (each runs a benchmark script, the
-notebooks or the README's blocks end to end) keeps one worker from being
-left with a long file at the end while the other idles. Only the order
-changes; every test still runs.
+Dtypes. JAX's default float stays float32 for the whole process: nothing
+here, in the test modules or in the docstring examples changes it globally.
+A module that needs float64 says so with ``pytestmark = pytest.mark.x64``;
+the autouse module fixture :func:`_jax_dtypes` runs every test of that
+module inside ``jax.enable_x64(True)``, and every other module inside
+``jax.enable_x64(False)``, each undone when the module's tests are done. So
+the docstring examples (``pytest --doctest-modules llqr_optax``, which print
+dtypes such as ``dtype=float32``) can share a pytest process, and a
+pytest-xdist worker, with the float64 modules. A module's fixtures run
+inside its dtypes (module fixtures too: autouse ones are set up first), but
+code at a module's top level runs at import, outside them: arrays built
+there are float32, so the float64 modules build theirs in fixtures or tests.
+
+Order. ``make test`` runs the suite on two pytest-xdist workers, one test
+file at a time per worker (``--dist loadfile``), handing out files in
+collection order. Starting with the slowest files (each runs a benchmark
+script, the notebooks or the README's blocks end to end) keeps one worker
+from being left with a long file at the end while the other idles. Only the
+order changes; every test still runs.
 """
 
 from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
 
 #: Slowest first (seconds on a 2-core CPU, 2026-12); the rest keep their order.
 SLOW_FIRST = (
@@ -23,6 +40,25 @@ SLOW_FIRST = (
 )
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "x64: the module's tests run with float64 enabled "
+      "(jax.enable_x64(True)); unmarked modules run in float32")
+
+
 def pytest_collection_modifyitems(session, config, items):
   rank = {name: i for i, name in enumerate(SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _jax_dtypes(request):
+  """float64 for the tests of a module marked ``x64``, float32 for others."""
+  with jax.enable_x64(request.node.get_closest_marker("x64") is not None):
+    yield
+
+
+@pytest.fixture(scope="module")
+def module_float():
+  """JAX's default float dtype while a module's fixtures are set up."""
+  return jnp.zeros(()).dtype

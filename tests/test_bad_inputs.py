@@ -12,23 +12,16 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+import helpers
 import llqr_optax
 
 BATCH, D_IN, HIDDEN, D_OUT = 16, 6, 8, 5
 LOSS = "softmax_cross_entropy"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x32():
-  """float32 throughout, whatever other test modules set globally."""
-  with jax.enable_x64(False):
-    yield
-
-
 def params_():
-  k0, k1 = jax.random.split(jax.random.key(0))
-  return {"l0": {"w": jax.random.normal(k0, (D_IN, HIDDEN)), "b": jnp.zeros(HIDDEN)},
-          "l1": {"w": jax.random.normal(k1, (HIDDEN, D_OUT)), "b": jnp.zeros(D_OUT)}}
+  return helpers.mlp_params((D_IN, HIDDEN, D_OUT), jax.random.split(jax.random.key(0)),
+                            scaled=False)
 
 
 X = jax.random.normal(jax.random.key(1), (BATCH, D_IN))
@@ -36,7 +29,7 @@ Y = jax.random.randint(jax.random.key(2), (BATCH,), 0, D_OUT)
 
 
 def mlp(p, x=X):
-  return jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"]) @ p["l1"]["w"] + p["l1"]["b"]
+  return helpers.mlp(p, x)
 
 
 def build(**kw):

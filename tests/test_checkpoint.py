@@ -38,6 +38,7 @@ def _worker(mode, workdir):
   import orbax.checkpoint as ocp
 
   import llqr_optax
+  from helpers import classification_batch, cross_entropy, mlp, mlp_params
 
   tx = optax.chain(
       llqr_optax.llqr(loss="softmax_cross_entropy", geometry="mc_fisher",
@@ -45,22 +46,16 @@ def _worker(mode, workdir):
       optax.adam(1e-2))
 
   def init_params():
-    k0, k1 = jax.random.split(jax.random.key(0))
-    return {"l0": {"w": jax.random.normal(k0, (D_IN, HIDDEN)) / np.sqrt(D_IN),
-                   "b": jnp.zeros(HIDDEN)},
-            "l1": {"w": jax.random.normal(k1, (HIDDEN, D_OUT)) / np.sqrt(HIDDEN),
-                   "b": jnp.zeros(D_OUT)}}
+    return mlp_params((D_IN, HIDDEN, D_OUT), jax.random.split(jax.random.key(0)))
 
   def batch(t):  # the batch of step t, in any process
-    kx, ky = jax.random.split(jax.random.fold_in(jax.random.key(1), t))
-    return (jax.random.normal(kx, (BATCH, D_IN)),
-            jax.random.randint(ky, (BATCH,), 0, D_OUT))
+    return classification_batch(jax.random.fold_in(jax.random.key(1), t), BATCH, D_IN,
+                                D_OUT)
 
   @jax.jit
   def step(params, opt_state, x, y):
-    apply_fn = lambda p: jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"]) @ p["l1"]["w"] + p["l1"]["b"]
-    loss, grads = jax.value_and_grad(
-        lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p), y).mean())(params)
+    apply_fn = lambda p: mlp(p, x)
+    loss, grads = jax.value_and_grad(lambda p: cross_entropy(apply_fn(p), y))(params)
     updates, opt_state = tx.update(grads, opt_state, params, apply_fn=apply_fn, targets=y)
     return optax.apply_updates(params, updates), opt_state, loss
 

@@ -9,30 +9,15 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
+import helpers
+from helpers import rel_err
 from llqr_optax import exact
 from llqr_optax import losses
 from llqr_optax.geometry import Geometry
 
+pytestmark = pytest.mark.x64  # float64 throughout (tests/conftest.py)
 CE = "softmax_cross_entropy"
 SE = "squared_error"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  """Every test of this module runs in float64; other modules are unaffected."""
-  with jax.enable_x64(True):
-    yield
-
-
-def _flat(tree):
-  return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
-
-
-def rel_err(x, y):
-  """``‖x - y‖ / ‖y‖`` over all leaves (numpy: no compilation)."""
-  x, y = _flat(x), _flat(y)
-  assert x.shape == y.shape
-  return float(np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
 # --- models: (Sequential, params_list, inputs, targets) ---------------------
@@ -293,15 +278,13 @@ def _reference_matrix(kind, model, params, x, y, loss):
   loss_fn = losses.get_loss(loss)
   if kind == "newton":
     return jax.hessian(lambda th: loss_fn(fn(th), y))(flat)
-  jac = jax.jacfwd(fn)(flat).reshape(out.size, flat.size)
   if kind == "ggn":
-    h = jax.hessian(lambda z: loss_fn(z, y))(out).reshape(out.size, out.size)
-    return jac.T @ h @ jac
+    return helpers.dense_ggn(lambda p: model.apply(p, x), params,
+                             lambda z: loss_fn(z, y))
   # The categorical Fisher (diag p - ppᵀ)/n, block diagonal over examples, and
   # the Rényi-α metric, α times it.
-  p = jax.nn.softmax(out)
-  blocks = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
-  fisher = jax.scipy.linalg.block_diag(*blocks) / out.shape[0]
+  jac = jax.jacfwd(fn)(flat).reshape(out.size, flat.size)
+  fisher = helpers.dense_fisher("categorical", out, xp=jnp)
   scale = 0.5 if kind == "renyi_0.5" else 1.0
   return scale * jac.T @ fisher @ jac
 

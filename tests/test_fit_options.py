@@ -18,30 +18,16 @@ import optax
 import pytest
 
 import llqr_optax
+from helpers import STRUCTURES, dense_map, perturbed
 from llqr_optax import fitting, structures
 from llqr_optax.fitting import objective as obj
 
-ALL = ["scalar", "diagonal", "kronecker", "ekfac", "dense"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
-def dense_map(states, like):
-  flat, unravel = ravel_pytree(like)
-  return jax.jacfwd(lambda v: ravel_pytree(structures.apply(states, unravel(v)))[0])(
-      jnp.zeros_like(flat))
+pytestmark = pytest.mark.x64  # float64 throughout (tests/conftest.py)
 
 
 def random_states(params, name, key, scale=0.3):
-  states = structures.init(params, name)
-  leaves, treedef = jax.tree.flatten(states)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  """Generic (non-identity) states of structure ``name`` for ``params``."""
+  return perturbed(structures.init(params, name), key, scale)
 
 
 PARAMS = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
@@ -62,7 +48,7 @@ def flat_problem(a, grads, inputs=None, params=PARAMS):
                          inputs=None if inputs is None else tree(inputs))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", STRUCTURES)
 def test_objective_with_inputs_is_the_dense_quadratic(name):
   k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
   a = spd(k1, P)
@@ -107,7 +93,7 @@ def test_curvature_scale_is_unbiased():
   np.testing.assert_allclose(np.mean(est), np.trace(a) / P, rtol=0.03)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", STRUCTURES)
 def test_fit_preconditioner_inverts_the_block_hessian_for_identity_curvature(name):
   """With A = I, ∂²J/∂θ_k² depends on the samples only; the structure's
   preconditioner is its inverse (tiny regularisation)."""

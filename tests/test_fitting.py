@@ -4,7 +4,7 @@ Every reference here is built independently of the library's fitting code: the
 damped Gauss-Newton matrix ``A = JᵀHJ + λI`` is materialised with
 ``jax.jacfwd``/``jax.hessian`` on the flattened model, gradient samples are
 ``jax.grad`` of each chunk's loss, and ``U`` is materialised column by column.
-The module runs in float64 (``jax.enable_x64``) without touching other modules;
+The module runs in float64 (``pytest.mark.x64``, see tests/conftest.py);
 the library keeps its samples, products and states in float32, so agreement is
 to float32 precision, except where a float64 problem is built by hand.
 """
@@ -15,12 +15,15 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
-import optax
 import pytest
 
+import helpers
+from helpers import STRUCTURES, dense_ggn, dense_map, mlp, perturbed
+from helpers import cross_entropy as ce
 from llqr_optax import fitting, structures
 from llqr_optax.fitting import objective as objective_lib
 
+pytestmark = pytest.mark.x64  # float64 throughout (tests/conftest.py)
 CE, SE = "softmax_cross_entropy", "squared_error"
 
 # The checks below are about values, not speed: compile with XLA's backend
@@ -30,63 +33,13 @@ jit = functools.partial(
     jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def init_mlp(key, sizes):
-  params = {}
-  for i, (k, a, b) in enumerate(zip(jax.random.split(key, len(sizes) - 1),
-                                    sizes[:-1], sizes[1:])):
-    kw, kb = jax.random.split(k)
-    params[f"l{i}"] = {"w": jax.random.normal(kw, (a, b)) / np.sqrt(a),
-                       "b": 0.1 * jax.random.normal(kb, (b,))}
-  return params
-
-
-def mlp(params, x):
-  n = len(params)
-  for i in range(n):
-    x = x @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"]
-    if i < n - 1:
-      x = jnp.tanh(x)
-  return x
-
-
-def ce(logits, y):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def dense_ggn(apply_fn, params, loss_fn):
-  """``JᵀHJ`` over ``ravel_pytree(params)``, with ``H`` the output Hessian."""
-  flat, unravel = ravel_pytree(params)
-  out = apply_fn(params)
-  jac = jax.jacfwd(lambda v: apply_fn(unravel(v)).reshape(-1))(flat)
-  hess = jax.hessian(lambda z: loss_fn(z.reshape(out.shape)))(out.reshape(-1))
-  return jac.T @ hess @ jac
+  """``helpers.mlp`` params: per layer a key split in two, for ``w`` and ``b``."""
+  keys = [jax.random.split(k) for k in jax.random.split(key, len(sizes) - 1)]
+  return helpers.mlp_params(sizes, [k[0] for k in keys], [k[1] for k in keys])
 
 
 dense_ggn_jit = jit(dense_ggn, static_argnums=(0, 2))
-
-
-def dense_map(states, params):
-  """The linear map ``U`` over ``ravel_pytree(params)``, as a matrix."""
-  flat, unravel = ravel_pytree(params)
-  return jax.jacfwd(lambda v: ravel_pytree(structures.apply(states, unravel(v)))[0])(
-      jnp.zeros_like(flat))
-
-
-def perturbed(states, key, scale=0.3):
-  """Non-identity states: every fitted and statistical field moved at random."""
-  leaves, treedef = jax.tree.flatten(states)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-
-
-ALL = ["scalar", "diagonal", "kronecker", "ekfac", "dense"]
 
 
 # --- a tiny MLP 6-8-5 and its problem ------------------------------------------
@@ -171,7 +124,7 @@ def test_problem_samples_and_curvature(tiny):
   np.testing.assert_allclose(products, vs @ tiny["A"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", STRUCTURES)
 def test_lqr_objective_matches_dense_formula(tiny, name):
   r = tiny["results"](name)
   u = r["U"]
@@ -185,7 +138,7 @@ def test_lqr_objective_matches_dense_formula(tiny, name):
   np.testing.assert_allclose(r["au"], ug @ a, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", STRUCTURES)
 def test_block_value_and_grad_is_the_autodiff_gradient(tiny, name):
   blocks = tiny["results"](name)["blocks"]
   assert len(blocks) == (2 if name == "kronecker" else 1)

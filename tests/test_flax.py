@@ -20,22 +20,10 @@ from flax import nnx
 
 import llqr_optax
 from benchmarks import datasets
+from helpers import cross_entropy as _xent
 
 BATCH = 128
 SEED = 0
-
-
-@pytest.fixture(autouse=True)
-def _float32():
-  """Runs in float32, as users do, even if another test module enabled x64."""
-  ctx = getattr(jax, "enable_x64", None)
-  if ctx is None:  # older JAX
-    from jax.experimental import disable_x64 as ctx
-    with ctx():
-      yield
-  else:
-    with ctx(False):
-      yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,10 +40,6 @@ def _batches(steps, seed=SEED):
   epochs = -(-steps // per_epoch)
   return np.concatenate([rng.permutation(n)[:per_epoch * BATCH].reshape(-1, BATCH)
                          for _ in range(epochs)])[:steps]
-
-
-def _xent(logits, y):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 ADAM_LR = 1e-2  # the best plain-Adam rate of 1e-3, 3e-3, 1e-2, 3e-2 here

@@ -17,30 +17,24 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
 
-jax.config.update("jax_enable_x64", True)
+import helpers
+from helpers import mlp
+from llqr_optax import geometry as G
+from llqr_optax import losses as L
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
-
-from llqr_optax import geometry as G  # noqa: E402
-from llqr_optax import losses as L  # noqa: E402
-
+pytestmark = pytest.mark.x64  # float64 throughout (tests/conftest.py)
 TOL = 1e-10
 _ERRORS = {}  # (tolerance, check) -> largest relative error seen (shown with -s)
 
 
-def _rel(a, b):
-  a = np.asarray(ravel_pytree(a)[0] if not hasattr(a, "shape") else a).ravel()
-  b = np.asarray(ravel_pytree(b)[0] if not hasattr(b, "shape") else b).ravel()
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def _assert_rel(got, ref, tol=TOL, tag=None):
-  err = _rel(got, ref)
+  err = helpers.rel_err(got, ref)
   if tag is None:
     tag = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
   _ERRORS[tol, tag] = max(_ERRORS.get((tol, tag), 0.0), err)
@@ -53,10 +47,8 @@ def _fast_compiles_and_report():
   # These tests compile a few dozen tiny programs; XLA's optimisation passes
   # dominate their run time and buy nothing here. The flag only changes how programs
   # compiled inside this module are optimised; it is restored afterwards.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  with helpers.most_optimizations_disabled():
+    yield
   for tol in sorted({t for t, _ in _ERRORS}):
     errs = {k: e for (t, k), e in _ERRORS.items() if t == tol}
     worst = max(errs, key=errs.get)
@@ -67,18 +59,13 @@ def _fast_compiles_and_report():
 # --- model and problems --------------------------------------------------------
 
 
-def mlp(params, x):
-  h = jnp.tanh(x @ params["w1"] + params["b1"])
-  return h @ params["w2"] + params["b2"]
-
-
 def _init(rng, d_in, hidden, d_out):
-  return {
-      "w1": jnp.asarray(rng.standard_normal((d_in, hidden)) / np.sqrt(d_in)),
-      "b1": jnp.asarray(0.3 * rng.standard_normal(hidden)),
-      "w2": jnp.asarray(rng.standard_normal((hidden, d_out)) * 1.5 / np.sqrt(hidden)),
-      "b2": jnp.asarray(0.3 * rng.standard_normal(d_out)),
-  }
+  """Parameters of ``helpers.mlp``, drawn from NumPy's ``rng`` (float64)."""
+  w1 = jnp.asarray(rng.standard_normal((d_in, hidden)) / np.sqrt(d_in))
+  b1 = jnp.asarray(0.3 * rng.standard_normal(hidden))
+  w2 = jnp.asarray(rng.standard_normal((hidden, d_out)) * 1.5 / np.sqrt(hidden))
+  b2 = jnp.asarray(0.3 * rng.standard_normal(d_out))
+  return {"l0": {"w": w1, "b": b1}, "l1": {"w": w2, "b": b2}}
 
 
 # Per-event reference losses from optax, on one event (a row of logits for the
@@ -122,7 +109,7 @@ class Problem:
 
   @property
   def out_shape(self):
-    return self.x.shape[:-1] + (self.params["b2"].shape[0],)
+    return self.x.shape[:-1] + (self.params["l1"]["b"].shape[0],)
 
   @property
   def event_size(self):
@@ -162,29 +149,6 @@ def problem(name):
   return Problem(name, dist, params, x, targets)
 
 
-def _probs(dist, z):
-  """Per-event probability vectors, shape (n, classes)."""
-  if dist == "categorical":
-    k = z.shape[-1]
-    e = jnp.exp(z.reshape(-1, k) - jnp.max(z.reshape(-1, k), -1, keepdims=True))
-    return e / jnp.sum(e, -1, keepdims=True)
-  s = 1.0 / (1.0 + jnp.exp(-z.reshape(-1)))
-  return jnp.stack([s, 1.0 - s], -1)
-
-
-def ref_divergence(dist, kind, alpha, zp, zq):
-  """Rényi-α ``D(p‖q)`` or reverse ``KL(q‖p)``, averaged over events."""
-  if dist == "gaussian":  # unit-variance Gaussians with means zp, zq
-    d2 = jnp.square(zp - zq).reshape(-1)
-    return jnp.mean((alpha if kind == "renyi" else 1.0) * d2 / 2.0)
-  p, q = _probs(dist, zp), _probs(dist, zq)
-  if kind == "renyi":
-    per = jnp.log(jnp.sum(p ** alpha * q ** (1.0 - alpha), -1)) / (alpha - 1.0)
-  else:
-    per = jnp.sum(q * (jnp.log(q) - jnp.log(p)), -1)
-  return jnp.mean(per)
-
-
 @functools.lru_cache(maxsize=None)
 def refs(name):
   """Every dense reference of a problem, from one compiled function."""
@@ -222,7 +186,8 @@ def refs(name):
     r["mc_grads_1"], r["mc_grads_3"] = grads[:1], grads[1:]
     for kind, alpha in DIVERGENCES:
       r[f"{kind}-{alpha}"] = jax.hessian(
-          lambda q: ref_divergence(dist, kind, alpha, z, q.reshape(shape)))(zf)
+          lambda q: helpers.ref_divergence(dist, kind, alpha, z, q.reshape(shape),
+                                         xp=jnp))(zf)
     return r
 
   return jax.tree.map(np.asarray, compute(pb.params, pb.x, MC_KEY))
@@ -231,28 +196,8 @@ def refs(name):
 # --- dense matrices, built independently --------------------------------------
 
 
-def dense_fisher_np(dist, z):
-  """Fisher of the predictive distribution of the mean loss, by hand in NumPy."""
-  z = np.asarray(z, np.float64)
-  if dist == "categorical":
-    k = z.shape[-1]
-    rows = z.reshape(-1, k)
-    n = rows.shape[0]
-    out = np.zeros((n * k, n * k))
-    for e, r in enumerate(rows):
-      p = np.exp(r - r.max())
-      p /= p.sum()
-      out[e * k:(e + 1) * k, e * k:(e + 1) * k] = np.diag(p) - np.outer(p, p)
-    return out / n
-  flat = z.ravel()
-  if dist == "bernoulli":
-    p = 1.0 / (1.0 + np.exp(-flat))
-    return np.diag(p * (1.0 - p)) / flat.size
-  return np.eye(flat.size) / flat.size
-
-
 def dense_fisher(name):
-  return dense_fisher_np(problem(name).dist, refs(name)["outputs"])
+  return helpers.dense_fisher(problem(name).dist, refs(name)["outputs"])
 
 
 def dense_outer_metric(name, grads):
@@ -501,7 +446,7 @@ def test_fisher_equals_ggn_with_label_smoothing():
   _assert_rel(pb.flat(got_hot), ref)
   # smoothing changes the gradients, which the empirical Fisher sees
   plain = empirical_fisher_params(name, r["ev_grads"]) @ pb.flat(v)
-  assert _rel(ef, plain) > 1e-3
+  assert helpers.rel_err(ef, plain) > 1e-3
 
 
 @pytest.mark.parametrize("name", PROBLEMS)
@@ -558,7 +503,7 @@ def test_mc_fisher_mean_approaches_fisher():
     # the key matters
     a = lib_products(name, 1)["mc_fisher"]
     b = lib_products(name, 1, key_seed=5)["mc_fisher"]
-    assert _rel(a, b) > 1e-6, name
+    assert helpers.rel_err(a, b) > 1e-6, name
 
 
 # --- user losses -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 
 import llqr_optax
+from helpers import mlp
 
 X = jax.random.normal(jax.random.key(0), (32, 5))
 Y = jnp.sin(X @ jnp.arange(1.0, 6.0))[:, None]
@@ -13,12 +14,9 @@ TX = optax.chain(llqr_optax.llqr(loss="squared_error", refit_every=4), optax.ada
 
 
 def init():
-  return {"w": 0.1 * jax.random.normal(jax.random.key(1), (5, 8)),
-          "v": 0.1 * jax.random.normal(jax.random.key(2), (8, 1))}
-
-
-def model(p, x):
-  return jnp.tanh(x @ p["w"]) @ p["v"]
+  """Two tanh layers 5-8-1 without biases, for ``helpers.mlp``."""
+  return {"l0": {"w": 0.1 * jax.random.normal(jax.random.key(1), (5, 8))},
+          "l1": {"w": 0.1 * jax.random.normal(jax.random.key(2), (8, 1))}}
 
 
 traces = []
@@ -26,7 +24,7 @@ traces = []
 
 def train_step(params, opt_state, x, y, refit=None):
   traces.append(refit)
-  apply_fn = lambda p: model(p, x)
+  apply_fn = lambda p: mlp(p, x)
   grads = jax.grad(lambda p: 0.5 * jnp.mean((apply_fn(p) - y) ** 2))(params)
   updates, opt_state = TX.update(grads, opt_state, params, apply_fn=apply_fn,
                                  targets=y, refit=refit)

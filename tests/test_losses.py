@@ -1,26 +1,22 @@
 """Pins llqr_optax.losses against optax and hand-written formulas, in float64."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
-jax.config.update("jax_enable_x64", True)
+import helpers
+from llqr_optax import losses as L
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-
-from llqr_optax import losses as L  # noqa: E402
-
+pytestmark = pytest.mark.x64  # float64 throughout (tests/conftest.py)
 TOL = 1e-12
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-  # Tiny programs: skip XLA's optimisation passes while this module compiles.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  with helpers.most_optimizations_disabled():  # tiny programs
+    yield
 
 
 # Inputs come from NumPy: eager jax.random would compile per shape (slow).
@@ -36,6 +32,11 @@ def _close(a, b, tol=TOL):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
   assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+
+
+def test_the_module_and_its_fixtures_run_in_float64(module_float):
+  """The ``x64`` mark (tests/conftest.py) reaches module fixtures too."""
+  assert module_float == jnp.zeros(()).dtype == jnp.float64
 
 
 # --- values ----------------------------------------------------------------
@@ -158,26 +159,6 @@ def test_num_events_and_get_loss():
 # --- Fisher, sampling, divergences --------------------------------------------
 
 
-def _dense_fisher(dist, z):
-  """Output-space Fisher of the mean loss, built densely by hand."""
-  z = np.asarray(z, np.float64)
-  if dist == "categorical":
-    k = z.shape[-1]
-    rows = z.reshape(-1, k)
-    n = rows.shape[0]
-    out = np.zeros((n * k, n * k))
-    for e, r in enumerate(rows):
-      p = np.exp(r - r.max())
-      p /= p.sum()
-      out[e * k:(e + 1) * k, e * k:(e + 1) * k] = np.diag(p) - np.outer(p, p)
-    return out / n
-  flat = z.reshape(-1)
-  if dist == "bernoulli":
-    p = 1.0 / (1.0 + np.exp(-flat))
-    return np.diag(p * (1 - p)) / flat.size
-  return np.eye(flat.size) / flat.size
-
-
 @pytest.mark.parametrize("name,shape", [
     ("softmax_cross_entropy", (3, 2, 4)),
     ("softmax_cross_entropy", (5, 3)),
@@ -188,7 +169,7 @@ def test_fisher_product_dense(name, shape):
   loss = L.get_loss(name)
   z = _rand(12, shape, 2.0)
   v = _rand(13, shape)
-  ref = _dense_fisher(loss.distribution, z) @ np.asarray(v).reshape(-1)
+  ref = helpers.dense_fisher(loss.distribution, z) @ np.asarray(v).reshape(-1)
   got = jax.jit(lambda z, v: L.fisher_product(loss, z, v))(z, v)
   _close(got.reshape(-1), ref)
 
@@ -228,30 +209,6 @@ def test_sample_targets_distribution():
   np.testing.assert_allclose(np.var(s_se, 0), 1.0, atol=0.05)
 
 
-def _ref_divergence(dist, kind, alpha, zp, zq):
-  """Independent D(p || q) (Rényi) or KL(q || p) (reverse KL), mean over events."""
-  zp, zq = np.asarray(zp, np.float64), np.asarray(zq, np.float64)
-  if dist == "gaussian":
-    d = (zp - zq).reshape(-1) ** 2
-    return np.mean(alpha * d / 2 if kind == "renyi" else d / 2)
-  if dist == "categorical":
-    k = zp.shape[-1]
-    p = np.exp(zp.reshape(-1, k))
-    p /= p.sum(-1, keepdims=True)
-    q = np.exp(zq.reshape(-1, k))
-    q /= q.sum(-1, keepdims=True)
-  else:
-    sp = 1 / (1 + np.exp(-zp.reshape(-1)))
-    sq = 1 / (1 + np.exp(-zq.reshape(-1)))
-    p = np.stack([sp, 1 - sp], -1)
-    q = np.stack([sq, 1 - sq], -1)
-  if kind == "renyi":
-    per = np.log(np.sum(p ** alpha * q ** (1 - alpha), -1)) / (alpha - 1)
-  else:
-    per = np.sum(q * np.log(q / p), -1)
-  return np.mean(per)
-
-
 DIVERGENCES = (("renyi", 0.5), ("renyi", 2.0), ("renyi", 3.5), ("reverse_kl", 0.5))
 
 
@@ -266,7 +223,7 @@ def test_divergence_values(name, shape):
   div = jax.jit(lambda a, b: [L.divergence(loss, kind, alpha, a, b)
                               for kind, alpha in DIVERGENCES])
   for (kind, alpha), d, d0 in zip(DIVERGENCES, div(zp, zq), div(zp, zp)):
-    _close(d, _ref_divergence(loss.distribution, kind, alpha, zp, zq), 1e-11)
+    _close(d, helpers.ref_divergence(loss.distribution, kind, alpha, zp, zq), 1e-11)
     assert abs(float(d0)) < 1e-13, (kind, alpha)
 
 

@@ -68,32 +68,26 @@ def _worker(out_path):
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
   import llqr_optax
+  from helpers import cross_entropy, mlp, mlp_params
 
   assert jax.device_count() == DEVICES, jax.devices()
   explicit = jax.make_mesh((DEVICES,), ("data",))  # AxisType.Explicit by default
   auto = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Auto,))
 
   k = jax.random.split(jax.random.key(0), 4)
-  params = {"l0": {"w": jax.random.normal(k[0], (D_IN, HIDDEN)) / np.sqrt(D_IN),
-                   "b": jnp.zeros(HIDDEN)},
-            "l1": {"w": jax.random.normal(k[1], (HIDDEN, D_OUT)) / np.sqrt(HIDDEN),
-                   "b": jnp.zeros(D_OUT)}}
+  params = mlp_params((D_IN, HIDDEN, D_OUT), k[:2])
   xs = jax.random.normal(k[2], (STEPS, BATCH, D_IN))
   ys = jax.random.randint(k[3], (STEPS, BATCH), 0, D_OUT)
   structure = lambda path, shape: "kronecker" if len(shape) == 2 else "diagonal"
   kw = dict(loss="softmax_cross_entropy", structure=structure, refit_every=4,
             num_chunks=NUM_CHUNKS, inner_steps=3)
 
-  def model(p, x):
-    return jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"]) @ p["l1"]["w"] + p["l1"]["b"]
-
   def make_step(axis_name=None):
     tx = optax.chain(llqr_optax.llqr(axis_name=axis_name, **kw), optax.adam(1e-2))
 
     def step(p, s, x, y):
-      apply_fn = lambda q: model(q, x)
-      loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
-          apply_fn(q), y).mean()
+      apply_fn = lambda q: mlp(q, x)
+      loss = lambda q: cross_entropy(apply_fn(q), y)
       if axis_name is None:
         g = jax.grad(loss)(p)
       else:  # the mean of the devices' local gradients (see README)

@@ -32,18 +32,12 @@ import optax
 import pytest
 
 import llqr_optax
+from helpers import all_finite, cross_entropy, mlp, mlp_params
 
 BATCH, D_IN, HIDDEN, D_OUT = 32, 8, 16, 4
 REFIT_EVERY = 10
 LONG_STEPS = 300
 DEFAULT_LR, AGGRESSIVE_LR = 1e-2, 0.5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def x32():
-  """float32 throughout, whatever other test modules set globally."""
-  with jax.enable_x64(False):
-    yield
 
 
 # --- poisons ----------------------------------------------------------------
@@ -88,10 +82,6 @@ def _poisoned_curvature_jvp(primals, tangents):
   return z, tangents[0] * ones_with_derivative(z, c)
 
 
-def cross_entropy(z, y):
-  return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
-
-
 def llqr_loss(z, targets):
   """Cross-entropy whose output Hessian is poisoned by ``targets[1]``."""
   y, c = targets
@@ -101,17 +91,8 @@ def llqr_loss(z, targets):
 # --- model, data and the compiled step -----------------------------------------
 
 
-def mlp(p, x):
-  h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"])
-  h = jnp.tanh(h @ p["l1"]["w"] + p["l1"]["b"])
-  return h @ p["l2"]["w"] + p["l2"]["b"]
-
-
 def init_params():
-  ks = jax.random.split(jax.random.key(0), 3)
-  sizes = [(D_IN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, D_OUT)]
-  return {f"l{i}": {"w": jax.random.normal(k, s) / np.sqrt(s[0]), "b": jnp.zeros(s[1])}
-          for i, (k, s) in enumerate(zip(ks, sizes))}
+  return mlp_params((D_IN, HIDDEN, HIDDEN, D_OUT), jax.random.split(jax.random.key(0), 3))
 
 
 def make_data(steps):
@@ -125,11 +106,6 @@ def make_data(steps):
 TX = optax.chain(
     llqr_optax.llqr(loss=llqr_loss, refit_every=REFIT_EVERY),
     optax.inject_hyperparams(optax.adam)(learning_rate=DEFAULT_LR))
-
-
-def all_finite(tree):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-                            if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
 @jax.jit

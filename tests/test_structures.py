@@ -18,11 +18,9 @@ from llqr_optax.structures import (DenseState, DiagonalState,
                                    ScalarState)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x32():
-  """float32 throughout, whatever other test modules set globally."""
-  with jax.enable_x64(False):
-    yield
+def test_the_module_and_its_fixtures_run_in_float32(module_float):
+  """Unmarked modules run in float32 (tests/conftest.py), whatever ran before."""
+  assert module_float == jnp.zeros(()).dtype == jnp.float32
 
 
 def normal(seed, shape):

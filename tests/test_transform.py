@@ -15,7 +15,9 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 import llqr_optax
+from helpers import all_finite, assert_trees_close, assert_trees_equal, mlp
 from llqr_optax import structures
 
 LOSS = "softmax_cross_entropy"
@@ -32,36 +34,18 @@ KW = dict(loss=LOSS, structure="diagonal", refit_every=REFIT_EVERY, num_chunks=4
           inner_steps=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x32():
-  """float32 throughout, whatever other test modules set globally."""
-  with jax.enable_x64(False):
-    yield
-
-
 def init_params(key, dtype=jnp.float32):
   k0, k1, k2 = jax.random.split(key, 3)
-  params = {
-      "l0": {"w": jax.random.normal(k0, (D_IN, HIDDEN)) / np.sqrt(D_IN),
-             "b": 0.1 * jax.random.normal(k2, (HIDDEN,))},
-      "l1": {"w": jax.random.normal(k1, (HIDDEN, D_OUT)) / np.sqrt(HIDDEN),
-             "b": jnp.zeros(D_OUT)}}
+  params = helpers.mlp_params((D_IN, HIDDEN, D_OUT), (k0, k1), (k2, None))
   return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
-def mlp(p, x):
-  h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"])
-  return h @ p["l1"]["w"] + p["l1"]["b"]
-
-
 def batch(i):
-  kx, ky = jax.random.split(jax.random.key(1000 + i))
-  return jax.random.normal(kx, (BATCH, D_IN)), jax.random.randint(ky, (BATCH,), 0, D_OUT)
+  return helpers.classification_batch(jax.random.key(1000 + i), BATCH, D_IN, D_OUT)
 
 
 def loss_fn(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      mlp(p, x).astype(jnp.float32), y).mean()
+  return helpers.cross_entropy(mlp(p, x).astype(jnp.float32), y)
 
 
 grad_fn = jit(jax.grad(loss_fn))
@@ -89,18 +73,6 @@ def make_step(tx, name, *, pass_full_params=False, **extra):
 
 def llqr_of(state):
   return llqr_optax.find_state(state)
-
-
-def assert_trees_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
-
-
-def all_finite(tree):
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 # --- one shared jitted run ----------------------------------------------------
