@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from llqr_optax import structures
-from llqr_optax.fitting.problem import Problem, map_samples
+from llqr_optax._samples import map_samples
+from llqr_optax.fitting.problem import Problem
 
 PyTree = Any
 
@@ -95,7 +96,7 @@ def block_preconditioner(problem: Problem, states: PyTree, k: int,
 
 def precondition_samples(states: PyTree, samples: PyTree) -> PyTree:
   """``u_c = U x_c`` for every sample (leading chunk axis)."""
-  return jax.vmap(lambda x: structures.apply(states, x))(samples)
+  return map_samples(lambda x: structures.apply(states, x), samples)
 
 
 def _num_samples(problem: Problem) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
+from llqr_optax._samples import map_samples
 from llqr_optax.structures import base as structures_base
 
 PyTree = Any
@@ -115,25 +116,6 @@ def curvature_scale(curvature: Callable[[PyTree], PyTree], like: PyTree,
                                                jax.tree.leaves(products))),
               jnp.zeros((), jnp.float32))
   return total / (num_probes * max(size, 1))
-
-
-def map_samples(fn: Callable[[PyTree], PyTree], samples: PyTree) -> PyTree:
-  """``jax.vmap(fn)`` over the leading sample axis of ``samples``.
-
-  On CPU a few samples are mapped by a loop instead: XLA:CPU runs one
-  curvature product per sample faster than one product batched over the
-  samples (batched matrix products, grouped convolutions; about 30 % on a
-  wide MLP and a ResNet). Elsewhere, and for many samples, ``vmap``.
-  """
-  n = jax.tree.leaves(samples)[0].shape[0]
-  if jax.default_backend() != "cpu" or n > _LOOP_MAX:
-    return jax.vmap(fn)(samples)
-  outs = [fn(jax.tree.map(lambda x: x[i], samples)) for i in range(n)]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-
-#: The most samples :func:`map_samples` maps by a loop on CPU.
-_LOOP_MAX = 8
 
 
 def _slice_chunk(tree, c, size):

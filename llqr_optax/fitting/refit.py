@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from llqr_optax import structures
+from llqr_optax._samples import mean_samples
 from llqr_optax.fitting import objective as obj
 from llqr_optax.fitting import solvers
 from llqr_optax.fitting.problem import Problem
@@ -132,8 +133,7 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
     new = solvers.fit(problem, new, steps=steps, solver=solver)
     new = _ema_fitted(states, new, beta)
     value, u, au = obj.evaluate(problem, new)
-  mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t)
-  g_bar, u_bar, au_bar = mean(problem.grads), mean(u), mean(au)
+  g_bar, u_bar, au_bar = (mean_samples(t) for t in (problem.grads, u, au))
   gu = obj.tree_vdot(g_bar, u_bar)
   uau = obj.tree_vdot(u_bar, au_bar)
   ok = uau > 0

@@ -5,6 +5,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llqr_optax._samples import sum_samples
 from llqr_optax.structures import base
 from llqr_optax.structures.base import Structure
 
@@ -57,5 +58,6 @@ class Diagonal(Structure):
   @classmethod
   def fit_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂D² ≈ a · diag(E[x²])``: divide by the samples' second moment."""
-    inv = base.regularised_reciprocal(jnp.mean(jnp.square(samples), axis=0), eps)
+    inv = base.regularised_reciprocal(
+        sum_samples(jnp.square(samples)) / samples.shape[0], eps)
     return lambda block: (block[0] * inv,)

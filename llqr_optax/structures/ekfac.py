@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llqr_optax._samples import sum_samples
 from llqr_optax.structures import base
 
 
@@ -96,7 +97,7 @@ class EigenKronecker(base.TwoSided):
     """``∂²J/∂S² ≈ a · diag(E[x̂²])``, ``x̂ = Q_Aᵀ X Q_G``: divide by it."""
     x = samples.reshape((samples.shape[0],) + state.scale.shape)
     xh = jax.vmap(lambda g: _to_eigenbasis(state.basis_in, state.basis_out, g))(x)
-    inv = base.regularised_reciprocal(jnp.mean(jnp.square(xh), axis=0), eps)
+    inv = base.regularised_reciprocal(sum_samples(jnp.square(xh)) / xh.shape[0], eps)
     return lambda block: (block[0] * inv,)
 
   @classmethod

@@ -5,6 +5,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llqr_optax._samples import sum_samples
 from llqr_optax.structures import base
 
 
@@ -74,7 +75,8 @@ class Kronecker(base.TwoSided):
     if k == 0:
       y = jax.vmap(lambda g: base.right_multiply(g, state.right))(x)  # X R
       if state.left.ndim == 1:
-        inv = base.regularised_reciprocal(jnp.mean(jnp.sum(y * y, axis=2), axis=0), eps)
+        inv = base.regularised_reciprocal(
+            sum_samples(jnp.sum(y * y, axis=2)) / y.shape[0], eps)
         return lambda block: (block[0] * inv,)
       inv = base.regularised_inverse(
           base.gram("cij,ckj->ik", y, y)
@@ -82,7 +84,8 @@ class Kronecker(base.TwoSided):
       return lambda block: (base.matmul(block[0], inv),)
     y = jax.vmap(lambda g: base.left_multiply(state.left, g))(x)  # L X
     if state.right.ndim == 1:
-      inv = base.regularised_reciprocal(jnp.mean(jnp.sum(y * y, axis=1), axis=0), eps)
+      inv = base.regularised_reciprocal(
+          sum_samples(jnp.sum(y * y, axis=1)) / y.shape[0], eps)
       return lambda block: (block[0] * inv,)
     inv = base.regularised_inverse(
         base.gram("cji,cjk->ik", y, y)
