@@ -19,13 +19,30 @@ collection order. Starting with the slowest files (each runs a benchmark
 script, the notebooks or the README's blocks end to end) keeps one worker
 from being left with a long file at the end while the other idles. Only the
 order changes; every test still runs.
+
+Compiled programs. The suite compiles the same programs many times over: in
+the benchmark scripts' runs across seeds and rates, in the subprocesses of the
+README, notebook, parallel and checkpoint tests. JAX's persistent
+compilation cache (``JAX_COMPILATION_CACHE_DIR``, inherited by every
+subprocess) compiles each once per machine, in ``.pytest_cache/`` unless the
+variable is already set. An executable read from the cache is the one XLA
+compiled, so no result changes; the cache key holds the program, the JAX and
+XLA versions, the flags and the devices.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import pytest
+import os
+import pathlib
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402  (after the cache settings, which JAX reads at import)
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
 
 #: Slowest first (seconds on a 2-core CPU, 2026-12); the rest keep their order.
 SLOW_FIRST = (
