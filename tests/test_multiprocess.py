@@ -136,6 +136,10 @@ def _worker(process_id, port, out_path):
   # The one-device reference, on process 0's first device (no collectives);
   # process 1 meanwhile compiles the sharded step.
   single = run(jax.jit(step), params, s0, zip(xs, ys)) if process_id == 0 else None
+  if single is not None:
+    results["reference_devices"] = sorted({str(d) for out in single
+                                           for x in jax.tree.leaves(out)
+                                           for d in x.devices()})
   tree_of = lambda tree, sh: jax.tree.map(lambda _: sh, tree)
   p_g = to_global(params, tree_of(params, replicated))
   s_g = to_global(s0, tree_of(s0, replicated))
@@ -265,6 +269,10 @@ def test_both_processes_ran_and_agree(results):
   # update, param and state leaf, bit for bit.
   for case in CASES:
     assert results[0][case]["digest"] == results[1][case]["digest"], case
+
+
+def test_the_reference_ran_on_one_device(results):
+  assert len(results[0]["reference_devices"]) == 1, results[0]["reference_devices"]
 
 
 @pytest.mark.parametrize("case", CASES)
