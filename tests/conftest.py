@@ -53,6 +53,7 @@ SLOW_FIRST = (
     "test_benchmarks_quick.py",
     "test_reliability.py",
     "test_parallel.py",
+    "test_multiprocess.py",
     "test_fitting.py",
 )
 
@@ -61,6 +62,9 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "x64: the module's tests run with float64 enabled "
       "(jax.enable_x64(True)); unmarked modules run in float32")
+  config.addinivalue_line(
+      "markers", "multiprocess: starts several JAX processes joined by "
+      "jax.distributed (CPU collectives over gloo, a local TCP port)")
 
 
 def pytest_collection_modifyitems(session, config, items):
