@@ -13,7 +13,8 @@ The package is laid out as the method is:
   :mod:`llqr_optax.damping`), keeps an :mod:`llqr_optax.state` and refits on
   :mod:`llqr_optax.schedule`;
   :mod:`llqr_optax.compose`: ``U`` around another optimizer's update;
-  :mod:`llqr_optax.loop`: the fast loop (two compiled steps, no conditional).
+  :mod:`llqr_optax.loop`: the fast loop (two compiled steps, no conditional);
+  :mod:`llqr_optax.sharding`: the state's shardings from the params' (FSDP).
 """
 
 from llqr_optax import exact, fitting, losses, structures
@@ -25,6 +26,7 @@ from llqr_optax.loop import compile_step
 from llqr_optax.losses import Loss
 from llqr_optax.structures import STRUCTURES
 from llqr_optax.schedule import refit_due
+from llqr_optax.sharding import state_shardings
 from llqr_optax.state import (DIAGNOSTICS, LLQRState, diagnostics, find_state,
                               precondition)
 from llqr_optax.transform import llqr, scale_by_llqr
@@ -37,4 +39,5 @@ __all__ = [
     "curvature_product",
     "dense_step", "diagnostics", "exact", "exact_step", "find_state", "fitting",
     "linearize", "llqr", "losses", "output_metric", "precondition",
-    "precondition_base", "refit_due", "scale_by_llqr", "structures"]
+    "precondition_base", "refit_due", "scale_by_llqr", "state_shardings",
+    "structures"]

@@ -20,6 +20,7 @@ from llqr_optax import fitting
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
 from llqr_optax import schedule
+from llqr_optax import sharding as sharding_lib
 from llqr_optax import stages
 from llqr_optax import structures
 from llqr_optax._validation import (_check_number, _check_params, _is_concrete,
@@ -74,7 +75,7 @@ def _init_state(options: stages.Options, seed, params) -> LLQRState:
                             max_dim=max_dim, dense_max=dense_max)
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   i32 = lambda v: jnp.asarray(v, jnp.int32)
-  return LLQRState(
+  state = LLQRState(
       count=i32(0), preconditioner=precond,
       key=jax.random.PRNGKey(seed), damping=f32(options.damping), refits=i32(0),
       skipped_refits=i32(0), skipped_updates=i32(0),
@@ -82,6 +83,8 @@ def _init_state(options: stages.Options, seed, params) -> LLQRState:
       reduction_ratio=f32(jnp.nan),
       curvature_scale=f32(jnp.nan if options.relative_damping else 0.0),
       refit_grad_norm=f32(0.0), refit_requested=jnp.asarray(False))
+  # Sharded params (FSDP): the state is split like them, never replicated.
+  return sharding_lib.shard_like_params(state, params)
 
 
 def scale_by_llqr(

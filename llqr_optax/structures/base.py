@@ -14,6 +14,7 @@ from typing import Any, ClassVar, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 Array = jax.Array
 
@@ -163,6 +164,57 @@ class Structure:
     for it)."""
     return cls.init(tuple(jnp.shape(state[0])), max_dim=1)
 
+  @classmethod
+  def state_specs(cls, state: NamedTuple, spec: PartitionSpec) -> NamedTuple:
+    """The ``PartitionSpec`` of every field of ``state`` for a leaf split as
+    ``spec`` (one entry per axis of the leaf): fields that grow with the leaf
+    are split along the side the leaf is split on, so a device holds ``1/D``
+    of them. The default replicates every field (for tiny states).
+
+    Args:
+      state: the leaf's state (arrays or ``jax.ShapeDtypeStruct``).
+      spec: the leaf's ``PartitionSpec``, padded to its rank.
+
+    Returns:
+      ``cls.State`` of ``PartitionSpec``s.
+    """
+    del spec
+    return cls.State(*(PartitionSpec() for _ in state))
+
+
+def side_axes(spec: PartitionSpec, ndim: int) -> Tuple[Any, Any]:
+  """The mesh axes splitting the rows and the columns of a leaf's matrix.
+
+  The leaf of rank ``ndim`` split as ``spec`` is seen as its ``(fan_in,
+  fan_out)`` matrix (:func:`matrix_shape`). Its rows are split in contiguous
+  blocks when the leaf is split on its first axis only among the fan-in
+  axes (a kernel's rows, a conv kernel's height): then the fan-in side is
+  split like them. A split of a later fan-in axis interleaves the rows, so
+  that side is not split. The columns are split like the last axis.
+
+  Args:
+    spec: the leaf's ``PartitionSpec``.
+    ndim: the leaf's rank.
+
+  Returns:
+    ``(rows, columns)``: a mesh axis name (or tuple of names) or ``None``.
+
+  Example:
+    >>> from jax.sharding import PartitionSpec as P
+    >>> side_axes(P("model"), 2), side_axes(P(None, None, "x", "y"), 4)
+    (('model', None), (None, 'y'))
+  """
+  entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+  if ndim <= 1:
+    return (entries[0] if entries else None), None
+  rows = entries[0] if all(e is None for e in entries[1:-1]) else None
+  return rows, entries[-1]
+
+
+def factor_spec(axis: Any, factor: Any) -> PartitionSpec:
+  """A factor's rows split over ``axis`` (a vector factor: its entries)."""
+  return PartitionSpec(axis) if len(jnp.shape(factor)) == 1 else PartitionSpec(axis, None)
+
 
 class TwoSided(Structure):
   """A structure with one factor or basis per side of the leaf's matrix.
@@ -247,6 +299,27 @@ def replicated(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
+def sharded_like(x: Array, ref: Array) -> Array:
+  """``x`` with the sharding type of ``ref`` under an explicit mesh.
+
+  A state sharded over an explicit mesh axis (``AxisType.Explicit``) types
+  ``U(g)`` as sharded; the output must keep the sharding of ``g`` (the params')
+  to meet the params again, and a statistic computed replicated goes back to
+  its state's sharding. Elsewhere this is the identity. Going from replicated
+  to split is a local slice; the other way round would gather.
+  """
+  typeof = getattr(jax, "typeof", None)
+  reshard = getattr(jax.sharding, "reshard", None)
+  if typeof is None or reshard is None:
+    return x
+  want = getattr(typeof(ref), "sharding", None)
+  have = getattr(typeof(x), "sharding", None)
+  spec_w, spec_h = getattr(want, "spec", None), getattr(have, "spec", None)
+  if spec_w is None or spec_h is None or tuple(spec_w) == tuple(spec_h):
+    return x
+  return reshard(x, want)
+
+
 def gram(spec: str, a: Array, b: Array) -> Array:
   """``jnp.einsum(spec, a, b)`` in full precision, read from replicated copies
   (see :func:`replicated`): the second moments of samples whose rows are
@@ -262,8 +335,44 @@ def matmul(a: Array, b: Array) -> Array:
   (TF32 or bf16 passes), which loses about three digits: enough to spoil the
   fitted factors and the preconditioned step. The factors are small next to
   the model, so the structures always ask for the highest precision.
+
+  Under an explicit mesh, when both operands are split on the contracted axis
+  (``Q_Aᵀ G`` with the basis and the gradient split by rows) each device
+  multiplies its blocks and the partial products are summed across devices,
+  the result split by rows: a gradient-sized reduction, the factor never
+  gathered (JAX asks for the output's sharding there).
   """
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST,
+                    out_sharding=_contracted_split(a, b))
+
+
+def _spec_of(x: Array):
+  """``(sharding, spec padded to x's rank)`` of an explicit-typed array, or
+  ``(None, None)``."""
+  typeof = getattr(jax, "typeof", None)
+  sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
+  spec = getattr(sharding, "spec", None)
+  if spec is None:
+    return None, None
+  return sharding, tuple(spec) + (None,) * (jnp.ndim(x) - len(tuple(spec)))
+
+
+def _contracted_split(a: Array, b: Array):
+  """The output sharding of ``a @ b`` (rank 1 or 2) when both are split on the
+  contracted axis under an explicit mesh: rows split like ``a``'s, or else
+  over the contracted axis; ``None`` otherwise (JAX's own rule)."""
+  sa, pa = _spec_of(a)
+  _, pb = _spec_of(b)
+  if pa is None or pb is None or jnp.ndim(a) == 0 or jnp.ndim(b) == 0:
+    return None
+  axis = pa[-1]
+  if axis is None or axis != pb[0 if jnp.ndim(b) == 1 else -2]:
+    return None
+  rows = [(pa[0] if pa[0] is not None else axis)] if jnp.ndim(a) == 2 else []
+  cols = [pb[-1] if pb[-1] not in rows else None] if jnp.ndim(b) == 2 else []
+  if not rows and cols and cols[0] is None:
+    cols = [axis]
+  return sa.update(spec=PartitionSpec(*(rows + cols)))
 
 
 def left_multiply(factor: Array, g2: Array) -> Array:

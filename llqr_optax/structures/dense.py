@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from llqr_optax.structures import base
 from llqr_optax.structures.base import Structure
@@ -73,6 +74,16 @@ class Dense(Structure):
   @classmethod
   def apply(cls, state, g):
     return base.matmul(state.matrix, g.reshape(-1)).reshape(g.shape)
+
+  @classmethod
+  def state_specs(cls, state, spec):
+    """``M``'s rows split like the flattened leaf, when that is split in
+    contiguous blocks (the leaf split on its first axis only); replicated
+    otherwise. ``"auto"`` gives ``dense`` to leaves of at most 16 elements,
+    which an FSDP layout keeps replicated anyway."""
+    entries = tuple(spec)
+    rows = entries[0] if entries and all(e is None for e in entries[1:]) else None
+    return DenseState(PartitionSpec(rows, None))
 
   @classmethod
   def fit_preconditioner(cls, state, k, samples, eps):

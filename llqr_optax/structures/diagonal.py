@@ -56,6 +56,11 @@ class Diagonal(Structure):
     return state.diag * g
 
   @classmethod
+  def state_specs(cls, state, spec):
+    """``D`` is split like the leaf."""
+    return DiagonalState(spec)
+
+  @classmethod
   def fit_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂D² ≈ a · diag(E[x²])``: divide by the samples' second moment."""
     inv = base.regularised_reciprocal(

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from llqr_optax._samples import sum_samples
 from llqr_optax.structures import base
@@ -93,6 +94,16 @@ class EigenKronecker(base.TwoSided):
     return _from_eigenbasis(state.basis_in, state.basis_out, x).reshape(g.shape)
 
   @classmethod
+  def state_specs(cls, state, spec):
+    """``S`` split like the leaf's matrix; ``Q_A``, ``cov_in`` by rows like
+    its rows, ``Q_G``, ``cov_out`` like its columns."""
+    rows, cols = base.side_axes(spec, len(spec))
+    return EigenKroneckerState(
+        PartitionSpec(rows, cols), base.factor_spec(rows, state.basis_in),
+        base.factor_spec(cols, state.basis_out), base.factor_spec(rows, state.cov_in),
+        base.factor_spec(cols, state.cov_out))
+
+  @classmethod
   def fit_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂S² ≈ a · diag(E[x̂²])``, ``x̂ = Q_Aᵀ X Q_G``: divide by it."""
     x = samples.reshape((samples.shape[0],) + state.scale.shape)
@@ -108,8 +119,13 @@ class EigenKronecker(base.TwoSided):
       if cov.ndim == 1:  # identity basis above max_dim: nothing to track
         return cov, cov
       outer = base.gram(spec, g2, g2)
-      cov = decay * cov + (1 - decay) * outer / jnp.maximum(jnp.trace(outer), 1e-30)
-      return cov, jnp.linalg.eigh(cov)[1]
+      outer = outer / jnp.maximum(jnp.trace(outer), 1e-30)
+      # Replicated to split is a local slice: the EMA stays split.
+      new = decay * cov + (1 - decay) * base.sharded_like(outer, cov)
+      # XLA has no distributed eigendecomposition: a split covariance is
+      # gathered here, once a refit (the one gather of a factor, see README).
+      basis = jnp.linalg.eigh(base.replicated(new))[1]
+      return new, base.sharded_like(basis, cov)
 
     cov_in, basis_in = side(state.cov_in, "cij,ckj->ik")
     cov_out, basis_out = side(state.cov_out, "cji,cjk->ik")

@@ -66,6 +66,13 @@ class Kronecker(base.TwoSided):
     return out.reshape(g.shape)
 
   @classmethod
+  def state_specs(cls, state, spec):
+    """``L``'s rows split like the leaf's rows, ``R``'s like its columns."""
+    rows, cols = base.side_axes(spec, len(spec))
+    return KroneckerState(base.factor_spec(rows, state.left),
+                          base.factor_spec(cols, state.right))
+
+  @classmethod
   def fit_preconditioner(cls, state, k, samples, eps):
     """With ``u = L X R``: ``∂²J/∂L² ≈ a · (E[XR (XR)ᵀ] ⊗ I)`` acts as
     ``δL ↦ δL E[XR (XR)ᵀ]``, and ``∂²J/∂R² ≈ a · (I ⊗ E[(LX)ᵀ LX])`` as

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from llqr_optax.structures import base
 from llqr_optax.structures.base import Structure, matrix_shape  # noqa: F401
 from llqr_optax.structures.dense import Dense
 from llqr_optax.structures.diagonal import Diagonal
@@ -282,28 +283,9 @@ def apply(states: PyTree, tree: PyTree) -> PyTree:
     Array(6., dtype=float32)
   """
   return jax.tree.map(
-      lambda g, s: _sharded_like(
+      lambda g, s: base.sharded_like(
           structure_of(s).apply(s, g.astype(jnp.float32)).astype(g.dtype), g),
       tree, states)
-
-
-def _sharded_like(x: jax.Array, ref: jax.Array) -> jax.Array:
-  """``x`` with the sharding type of ``ref`` under an explicit mesh.
-
-  A state sharded over an explicit mesh axis (``AxisType.Explicit``) types
-  ``U(g)`` as sharded; the output must keep the sharding of ``g`` (the params')
-  to meet the params again. Elsewhere this is the identity.
-  """
-  typeof = getattr(jax, "typeof", None)
-  reshard = getattr(jax.sharding, "reshard", None)
-  if typeof is None or reshard is None:
-    return x
-  want = getattr(typeof(ref), "sharding", None)
-  have = getattr(typeof(x), "sharding", None)
-  spec_w, spec_h = getattr(want, "spec", None), getattr(have, "spec", None)
-  if spec_w is None or spec_h is None or tuple(spec_w) == tuple(spec_h):
-    return x
-  return reshard(x, want)
 
 
 def identity_like(states: PyTree) -> PyTree:
