@@ -111,18 +111,21 @@ def state_shardings(opt_state: PyTree, params: PyTree) -> PyTree:
     (P('model', None), P(None, None), P('model',))
     >>> state = jax.jit(tx.init, out_shardings=out)(params)  # made sharded
   """
-  if any(isinstance(p, jax.sharding.Sharding) for p in jax.tree.leaves(params)):
+  leaves = jax.tree.leaves(params)
+  bare = [p for p in leaves if isinstance(p, jax.sharding.Sharding)]
+  if bare:
     raise ValueError(
-        "params holds shardings without shapes; pass the params, or "
-        "jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, "
-        "sharding=s), params, shardings).")
-  named = [s for s in map(_sharding_of, jax.tree.leaves(params))
-           if isinstance(s, NamedSharding)]
+        f"params holds shardings without shapes (e.g. {bare[0]!r}); pass the "
+        "params, or jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, "
+        "p.dtype, sharding=s), params, shardings).")
+  named = [s for s in map(_sharding_of, leaves) if isinstance(s, NamedSharding)]
   if not named:
+    first = _sharding_of(leaves[0]) if leaves else None
     raise ValueError(
-        "params carry no NamedSharding: pass the params as sharded arrays, "
-        "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)), or "
-        "a pytree of their NamedShardings.")
+        f"params carry no NamedSharding (the first leaf's sharding: {first!r}); "
+        "pass the params as arrays placed with jax.device_put(params, "
+        "NamedSharding(mesh, spec)), or as jax.ShapeDtypeStruct(shape, dtype, "
+        "sharding=NamedSharding(...)).")
   fallback = named[0].update(spec=PartitionSpec())
   p_def = jax.tree.structure(params)
   p_shapes = [jax.numpy.shape(p) for p in jax.tree.leaves(params)]

@@ -273,6 +273,22 @@ def test_what_is_communicated(results):
     assert shape in allowed or op == "all-reduce", key
 
 
+def test_state_shardings_bad_params():
+  import jax
+  import jax.numpy as jnp
+  import llqr_optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  tx = llqr_optax.llqr(loss="squared_error", structure="kronecker")
+  params = {"w": jnp.zeros((4, 2))}
+  shapes = jax.eval_shape(tx.init, params)
+  with pytest.raises(ValueError, match="no NamedSharding.*SingleDeviceSharding"):
+    llqr_optax.state_shardings(shapes, params)  # one device, not placed on a mesh
+  mesh = jax.make_mesh((1,), ("model",))
+  with pytest.raises(ValueError, match="shardings without shapes.*ShapeDtypeStruct"):
+    llqr_optax.state_shardings(shapes, {"w": NamedSharding(mesh, P("model"))})
+
+
 def test_collectives_parser():
   hlo = ("%all-gather.1 = f32[24,24]{1,0} all-gather(%p), dimensions={0}\n"
          "%ar = f32[40,48]{1,0} all-reduce(%d), channel_id=1\n"

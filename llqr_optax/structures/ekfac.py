@@ -119,9 +119,9 @@ class EigenKronecker(base.TwoSided):
       if cov.ndim == 1:  # identity basis above max_dim: nothing to track
         return cov, cov
       outer = base.gram(spec, g2, g2)
-      outer = outer / jnp.maximum(jnp.trace(outer), 1e-30)
       # Replicated to split is a local slice: the EMA stays split.
-      new = decay * cov + (1 - decay) * base.sharded_like(outer, cov)
+      new = decay * cov + base.sharded_like(
+          (1 - decay) * outer / jnp.maximum(jnp.trace(outer), 1e-30), cov)
       # XLA has no distributed eigendecomposition: a split covariance is
       # gathered here, once a refit (the one gather of a factor, see README).
       basis = jnp.linalg.eigh(base.replicated(new))[1]
