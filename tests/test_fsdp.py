@@ -187,8 +187,46 @@ def _worker(out_path):
       results["hlo_step"] = collectives(compiled.as_text())
       plain = jax.jit(lambda *a: step(*a, refit=False), out_shardings=(psh, ssh, psh))
       results["hlo_no_refit"] = collectives(plain.lower(*args).compile().as_text())
+  results["dense_split"] = dense_on_a_split_leaf()
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
+
+
+def dense_on_a_split_leaf():
+  """``dense`` on a kernel split by rows: ``M`` replicated, one refit step."""
+  import jax
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import llqr_optax
+  from helpers import cross_entropy, mlp, mlp_params
+
+  k = jax.random.split(jax.random.key(2), 4)
+  params = mlp_params((16, 4), k[:1])  # w (16, 4): M is 64 x 64
+  x, y = jax.random.normal(k[2], (32, 16)), jax.random.randint(k[3], (32,), 0, 4)
+  tx = llqr_optax.llqr(loss="softmax_cross_entropy", structure="dense", num_chunks=2,
+                       inner_steps=1, learning_rate=0.1)
+
+  def step(p, s):
+    apply_fn = lambda q: mlp(q, x)
+    g = jax.grad(lambda q: cross_entropy(apply_fn(q), y))(p)
+    u, s = tx.update(g, s, p, apply_fn=apply_fn, targets=y)
+    return optax.apply_updates(p, u), s
+
+  ref = jax.jit(step)(params, tx.init(params))
+  mesh = jax.make_mesh((DEVICES,), ("model",))
+  psh = {"l0": {"w": NamedSharding(mesh, P("model")), "b": NamedSharding(mesh, P())}}
+  p = jax.device_put(params, psh)
+  s = tx.init(p)
+  compiled = jax.jit(step, out_shardings=(psh, llqr_optax.state_shardings(s, p))).lower(
+      p, s).compile()
+  got = compiled(p, s)
+  diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+             for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+  return {"max_diff": diff, "hlo": collectives(compiled.as_text()),
+          "spec": str(llqr_optax.find_state(got[1]).preconditioner["l0"]["w"].matrix
+                      .sharding.spec)}
 
 
 # --- the tests -------------------------------------------------------------------
@@ -287,6 +325,13 @@ def test_state_shardings_bad_params():
   mesh = jax.make_mesh((1,), ("model",))
   with pytest.raises(ValueError, match="shardings without shapes.*ShapeDtypeStruct"):
     llqr_optax.state_shardings(shapes, {"w": NamedSharding(mesh, P("model"))})
+
+
+def test_dense_on_a_split_leaf(results):
+  # M (64 x 64) stays replicated and is never gathered; the tiny leaf is.
+  entry = results["dense_split"]
+  assert entry["spec"] == "P()" and entry["max_diff"] <= TOL["state"], entry
+  assert "all-gather f32[64,64]" not in entry["hlo"], entry
 
 
 def test_collectives_parser():

@@ -73,21 +73,23 @@ class Dense(Structure):
 
   @classmethod
   def apply(cls, state, g):
-    return base.matmul(state.matrix, g.reshape(-1)).reshape(g.shape)
+    # A split leaf is read whole (it is tiny): M's outer-product gradients
+    # then have one unambiguous (replicated) sharding.
+    return base.matmul(state.matrix, base.replicated(g.reshape(-1))).reshape(g.shape)
 
   @classmethod
   def state_specs(cls, state, spec):
-    """``M``'s rows split like the flattened leaf, when that is split in
-    contiguous blocks (the leaf split on its first axis only); replicated
-    otherwise. ``"auto"`` gives ``dense`` to leaves of at most 16 elements,
-    which an FSDP layout keeps replicated anyway."""
-    entries = tuple(spec)
-    rows = entries[0] if entries and all(e is None for e in entries[1:]) else None
-    return DenseState(PartitionSpec(rows, None))
+    """``M`` stays replicated, however the leaf is split: dense is for tiny
+    leaves (``"auto"``: at most 16 elements, 256 floats; at most
+    ``dense_max``), and its fit contracts ``M`` with the samples' outer
+    products over the whole flattened leaf. ``U(g) = M vec(g)`` then reads
+    the local rows of ``M``: no gather of ``M``."""
+    del spec
+    return DenseState(PartitionSpec())
 
   @classmethod
   def fit_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂M² ≈ a · (E[x xᵀ] ⊗ I)``: ``δM ↦ δM E[x xᵀ]⁻¹``."""
-    x = samples.reshape(samples.shape[0], -1)
+    x = base.replicated(samples.reshape(samples.shape[0], -1))
     inv = base.regularised_inverse(base.matmul(x.T, x) / x.shape[0], eps)
     return lambda block: (base.matmul(block[0], inv),)
