@@ -19,6 +19,9 @@ split params returns the state split to match (llqr's and Adam's).
   factor's full shape, except ekfac's row covariance, gathered once a refit
   for its eigendecomposition (XLA has no distributed ``eigh``).
 
+- **Dense on a split leaf**: ``M`` replicated (dense is for tiny leaves),
+  one refit step equal to the one-device step, ``M`` never gathered.
+
 The side sizes are all different, and differ from the gradients' and
 activations' shapes, so an array's shape says what it is.
 """
