@@ -54,7 +54,10 @@ SLOW_FIRST = (
     "test_reliability.py",
     "test_parallel.py",
     "test_multiprocess.py",
+    "test_fsdp.py",
+    "test_checkpoint_mesh.py",
     "test_fitting.py",
+    "test_fsdp_auto.py",
 )
 
 

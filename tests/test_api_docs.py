@@ -35,7 +35,8 @@ def _row_signature(name):
 
 
 @pytest.mark.parametrize("name", ["llqr", "scale_by_llqr", "precondition_base",
-                                  "compile_step", "refit_due", "diagnostics"])
+                                  "compile_step", "refit_due", "diagnostics",
+                                  "state_shardings"])
 def test_readme_api_row_names_every_argument(name):
   shown = _row_signature(name)
   names = set(re.findall(r"\*{0,2}([A-Za-z_][A-Za-z_0-9]*)", shown))
