@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
+import optax
 import pytest
 
 import helpers
@@ -122,6 +123,25 @@ def test_problem_samples_and_curvature(tiny):
   np.testing.assert_allclose(grads, tiny["chunk_grads"], rtol=1e-5, atol=1e-7)
   assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
   np.testing.assert_allclose(products, vs @ tiny["A"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [12, 14])
+def test_chunk_cotangents_hold_each_chunks_loss_gradient(rows):
+  """Sample ``c``'s output cotangent is the gradient of chunk ``c``'s loss in
+  its rows and zero elsewhere, whether the chunks tile the batch (12 rows: the
+  reshaped form) or leave rows over (14: sliced; rows 12 and 13 enter the
+  curvature only)."""
+  from llqr_optax.fitting import problem as problem_lib
+  z = jax.random.normal(jax.random.key(0), (rows, 5))
+  t = jax.random.randint(jax.random.key(1), (rows,), 0, 5)
+  loss = lambda z, t: optax.softmax_cross_entropy_with_integer_labels(z, t).mean()
+  got = problem_lib._chunk_cotangents(loss, z, t, 4, 3)
+  assert got.shape == (4, rows, 5)
+  for c in range(4):
+    want = np.zeros((rows, 5))
+    rows_c = slice(3 * c, 3 * c + 3)
+    want[rows_c] = jax.grad(loss)(z[rows_c], t[rows_c])
+    np.testing.assert_allclose(got[c], want, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", STRUCTURES)

@@ -28,6 +28,7 @@ Adam's).
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -157,6 +158,14 @@ def _worker(out_path):
         x.addressable_shards[0].data.shape[0] * DEVICES == x.shape[0] for x in sharded)
     results[name]["largest_sharded"] = max(x.size for x in sharded)
 
+  # The refit of the one-step program on the auto mesh: which arrays does it
+  # gather? (Chunking the batch by a slice once gathered the outputs and the
+  # targets onto every device.)
+  xb, yb = batch_on(auto)
+  hlo = jax.jit(step).lower(replicated(auto, params), replicated(auto, s0),
+                            xb[0], yb[0]).compile().as_text()
+  results["auto_gathers"] = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather", hlo)
+
   # 3. shard_map and pmap with axis_name: the reordered one-device run.
   _, step_mapped = make_step("data")
   specs = dict(in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P(), P()))
@@ -228,6 +237,14 @@ def test_axis_name_chunks_are_per_device(results):
   # (hence updates and state) does: the equivalence above is not vacuous.
   assert results["shard_map_vs_unordered"]["state"] > 100 * TOL["state"]
   assert results["shard_map_vs_unordered"]["updates"] > 100 * TOL["updates"]
+
+
+def test_refit_gathers_no_batch_sized_array_on_an_auto_mesh(results):
+  """The chunks are the batch reshaped, not sliced: XLA keeps each device's
+  rows where they are (no all-gather of the outputs ``f32[64,4]`` or the
+  targets ``s32[64]``, as when chunks were sliced)."""
+  batch_sized = [g for g in results["auto_gathers"] if g.split("[")[1].startswith(f"{BATCH}")]
+  assert not batch_sized, results["auto_gathers"]
 
 
 def test_chunk_order():

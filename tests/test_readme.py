@@ -129,10 +129,11 @@ def test_readme_block_runs_on_its_own(results, k):
 
 def test_the_readme_has_its_blocks():
   assert len(BLOCKS) >= 14
-  assert sum(eight for _, _, eight in BLOCKS) == 3  # sharded batch, state, shard_map
+  # sharded batch, many hosts, FSDP, shard_map
+  assert sum(eight for _, _, eight in BLOCKS) == 4
   # Every marker sits right before a Python block.
   text = README.read_text()
-  assert text.count(MARK) == 3
+  assert text.count(MARK) == 4
   assert all(m.group(1) == "```python"
              for m in re.finditer(re.escape(MARK) + r"\n(.*)", text))
 

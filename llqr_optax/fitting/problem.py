@@ -123,6 +123,45 @@ def _slice_chunk(tree, c, size):
       lambda t: jax.lax.dynamic_slice_in_dim(t, c * size, size, axis=0), tree)
 
 
+def _explicitly_sharded(tree) -> bool:
+  """Whether some array's type carries a split over an explicit mesh axis."""
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None:
+    return False
+  specs = [getattr(getattr(typeof(x), "sharding", None), "spec", None)
+           for x in jax.tree.leaves(tree)]
+  return any(spec and any(e is not None for e in spec) for spec in specs)
+
+
+def _chunk_cotangents(loss_fn, outputs, targets, num_chunks: int, size: int):
+  r"""``∂ℓ(z_{B_c}, t_{B_c}) / ∂z`` for every chunk ``c``, each shaped like
+  the outputs (zero outside the chunk's rows), stacked on a leading axis.
+
+  When the chunks tile the batch, the outputs are reshaped to ``(n_c, size,
+  …)`` and every chunk's cotangent is put back in its own rows by a product
+  with the identity: no slice of the batch axis, so a batch sharded under
+  ``jit`` (auto axes) stays on its devices instead of being gathered onto
+  every one. Otherwise (rows left over, or explicit mesh axes, whose types
+  leave a split batch axis's reshape ambiguous) each chunk is sliced from a
+  replicated copy.
+  """
+  rows = outputs.shape[0]
+  if num_chunks * size == rows and not _explicitly_sharded((outputs, targets)):
+    split = lambda t: t.reshape((num_chunks, size) + t.shape[1:])
+    chunk_ct = jax.vmap(jax.grad(loss_fn))(split(outputs), jax.tree.map(split, targets))
+    eye = jnp.eye(num_chunks, dtype=chunk_ct.dtype).reshape(
+        (num_chunks, num_chunks) + (1,) * (chunk_ct.ndim - 1))
+    return (eye * chunk_ct[None]).reshape((num_chunks,) + outputs.shape)
+  chunk_targets = structures_base.replicated(targets)
+
+  def chunk_cotangent(c):
+    chunk_loss = lambda z: loss_fn(_slice_chunk(structures_base.replicated(z), c, size),
+                                   _slice_chunk(chunk_targets, c, size))
+    return jax.grad(chunk_loss)(outputs)
+
+  return jax.vmap(chunk_cotangent)(jnp.arange(num_chunks))
+
+
 def _to_f32(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
@@ -263,14 +302,7 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
   num_chunks = chunks_for(num_chunks, outputs.shape[0])
   size = outputs.shape[0] // num_chunks
 
-  chunk_targets = structures_base.replicated(targets)
-
-  def chunk_cotangent(c):
-    chunk_loss = lambda z: loss.fn(_slice_chunk(structures_base.replicated(z), c, size),
-                                   _slice_chunk(chunk_targets, c, size))
-    return jax.grad(chunk_loss)(outputs)
-
-  cotangents = jax.vmap(chunk_cotangent)(jnp.arange(num_chunks))
+  cotangents = _chunk_cotangents(loss.fn, outputs, targets, num_chunks, size)
   grads = _to_f32(map_samples(lin.vjp, cotangents))
   dtypes = jax.tree.map(lambda p: p.dtype, params)
 

@@ -342,8 +342,10 @@ def matmul(a: Array, b: Array) -> Array:
   the result split by rows: a gradient-sized reduction, the factor never
   gathered (JAX asks for the output's sharding there).
   """
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST,
-                    out_sharding=_contracted_split(a, b))
+  out = _contracted_split(a, b)
+  # ``out_sharding`` only where needed: older JAX's matmul has no such argument.
+  kw = {} if out is None else {"out_sharding": out}
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, **kw)
 
 
 def _spec_of(x: Array):
