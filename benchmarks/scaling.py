@@ -105,7 +105,7 @@ def render(rows, opts) -> str:
   g = lambda b: f"{b / 1e9:.3g}"
   head = ["model", "structure", "state GB (× params)", "refit TFLOP (× train step)",
           f"refit amortised over {every} steps (% of a step)", "DP GB step (refit)", "DP GB/step amortised",
-          "jit refit gather GB", "FSDP GB step (refit)", "FSDP GB/step amortised"]
+          "refit gather, explicit axes, GB", "FSDP GB step (refit)", "FSDP GB/step amortised"]
   out = []
   for r in rows:
     if "not_applicable" in r:

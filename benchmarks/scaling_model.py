@@ -33,9 +33,11 @@ eigendecompositions of the factors (``O(side³)`` a refit) are left out.
 or gather, float32): data parallelism all-reduces the gradient (``4P``
 bytes) every step; a refit all-reduces its ``n_c`` samples and each of its
 ``n_c K`` curvature products (``4P`` each; the second block's products only
-on the leaves that have one: XLA drops the rest), and under ``jit`` also
-all-gathers the model's outputs and targets (the chunks are slices of the
-global batch; ``axis_name`` chunks each device's own rows instead). FSDP (params, grads and state
+on the leaves that have one: XLA drops the rest). Under ``jit`` on explicit
+mesh axes (or when ``n_c`` does not divide the batch) a refit also
+all-gathers the model's outputs and targets, its chunks then being slices of
+a replicated copy; on auto axes the chunks are the batch reshaped and
+nothing is gathered, and ``axis_name`` chunks each device's own rows. FSDP (params, grads and state
 sharded ``1/D``) all-gathers the params twice (forward, backward) and
 reduce-scatters the gradient every step; a refit gathers the params for its
 linearisation and its ``ρ̂`` forward, gathers every product's tangent and
@@ -179,8 +181,9 @@ def communication(params: int, *, products: int, second_block: int = 0,
     num_chunks: gradient samples of a refit.
     gathered_state: state values FSDP gathers to apply ``U`` (the two-sided
       structures' factors; elementwise structures need none).
-    outputs: elements of the batch's outputs and targets, which ``jit``
-      all-gathers for the chunks (``axis_name`` does not).
+    outputs: elements of the batch's outputs and targets, which ``jit`` on
+      explicit mesh axes all-gathers for the chunks (auto axes and
+      ``axis_name`` do not).
   """
   p = 4 * params
   reduced = (num_chunks + products - second_block) * p + second_block * 4 * second_block_params

@@ -114,4 +114,8 @@ def test_data_parallel_bytes_match_compiled_hlo():
   assert 0 <= got["step"]["all-reduce"] - pred["step"] <= scalars, got
   refit = got["refit_step"]["all-reduce"] - got["step"]["all-reduce"]
   assert 0 <= refit - pred["refit"] <= scalars, got
-  assert got["refit_step"]["all-gather"] == pred["refit_jit_gather"], got
+  # On this auto mesh the refit's chunks are the batch reshaped: no gather of
+  # the outputs or targets (the model's refit_jit_gather is the explicit-axes
+  # cost, where the chunks are sliced from a replicated copy).
+  assert "all-gather" not in got["refit_step"], got
+  assert pred["refit_jit_gather"] > 0
