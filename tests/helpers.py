@@ -215,3 +215,21 @@ def assert_same_shapes_and_dtypes(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert (tuple(x.shape), x.dtype) == (tuple(y.shape), y.dtype), (x, y)
+
+
+def run_steps(step, params, state, xs, ys):
+  """``[(updates, params, state)]`` after each of ``step``'s ``len(xs)`` steps,
+  ``step(params, state, x, y) -> (params, state, updates)``."""
+  out = []
+  for x, y in zip(xs, ys):
+    params, state, updates = step(params, state, x, y)
+    out.append((updates, params, state))
+  return out
+
+
+def max_abs_diff(a, b) -> float:
+  """The largest absolute difference between two trees' leaves, in float64."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(la, lb))

@@ -80,7 +80,7 @@ def _worker(out_path, part):
 
   import llqr_optax
   from llqr_optax import structures
-  from helpers import cross_entropy, mlp, mlp_params
+  from helpers import cross_entropy, max_abs_diff, mlp, mlp_params, run_steps
 
   assert jax.device_count() == DEVICES, jax.devices()
   k = jax.random.split(jax.random.key(0), 8)
@@ -132,18 +132,8 @@ def _worker(out_path, part):
       results[f"jit_default_matches_{d}"] = same(state, jax.jit(tx.init)(p))
 
   # 2. Equality over 4 steps, and 3. the compiled programs' collectives.
-  def run(fn, p, s):
-    out = []
-    for t in range(STEPS):
-      p, s, u = fn(p, s, xs[t], ys[t])
-      out.append((u, p, s))
-    return out
-
-  def max_diff(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(la, lb))
+  run = lambda fn, p, s: run_steps(fn, p, s, xs[:STEPS], ys[:STEPS])
+  max_diff = max_abs_diff
 
   def ekfac(state):
     return llqr_optax.find_state(state).preconditioner["l0"]["w"]

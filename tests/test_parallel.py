@@ -69,7 +69,7 @@ def _worker(out_path):
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
   import llqr_optax
-  from helpers import cross_entropy, mlp, mlp_params
+  from helpers import cross_entropy, max_abs_diff, mlp, mlp_params, run_steps
 
   assert jax.device_count() == DEVICES, jax.devices()
   explicit = jax.make_mesh((DEVICES,), ("data",))  # AxisType.Explicit by default
@@ -98,18 +98,8 @@ def _worker(out_path):
       return optax.apply_updates(p, u), s, u
     return tx, step
 
-  def run(step, p, s, xs, ys):
-    out = []
-    for t in range(STEPS):
-      p, s, u = step(p, s, xs[t], ys[t])
-      out.append((u, p, s))
-    return out
-
-  def max_diff(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(la, lb))
+  run = lambda step, p, s, xs, ys: run_steps(step, p, s, xs[:STEPS], ys[:STEPS])
+  max_diff = max_abs_diff
 
   def compare(ref, got):
     return {part: max(max_diff(r[i], g[i]) for r, g in zip(ref, got))
