@@ -14,7 +14,8 @@ The package is laid out as the method is:
   :mod:`llqr_optax.schedule`;
   :mod:`llqr_optax.compose`: ``U`` around another optimizer's update;
   :mod:`llqr_optax.loop`: the fast loop (two compiled steps, no conditional);
-  :mod:`llqr_optax.sharding`: the state's shardings from the params' (FSDP).
+  :mod:`llqr_optax.sharding`: the state's shardings from the params' (FSDP);
+  :mod:`llqr_optax.presets`: named settings (``PAPER``, the authors').
 """
 
 from llqr_optax import exact, fitting, losses, structures
@@ -24,6 +25,7 @@ from llqr_optax.geometry import (GEOMETRIES, Geometry, curvature_product,
 from llqr_optax.compose import PreconditionBaseState, precondition_base
 from llqr_optax.loop import compile_step
 from llqr_optax.losses import Loss
+from llqr_optax.presets import PAPER
 from llqr_optax.structures import STRUCTURES
 from llqr_optax.schedule import refit_due
 from llqr_optax.sharding import state_shardings
@@ -34,7 +36,7 @@ from llqr_optax.transform import llqr, scale_by_llqr
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIAGNOSTICS", "GEOMETRIES", "Geometry", "LLQRState", "Loss",
+    "DIAGNOSTICS", "GEOMETRIES", "Geometry", "LLQRState", "Loss", "PAPER",
     "PreconditionBaseState", "STRUCTURES", "cg_step", "compile_step",
     "curvature_product",
     "dense_step", "diagnostics", "exact", "exact_step", "find_state", "fitting",

@@ -23,10 +23,11 @@ from llqr_optax._validation import _static_int
 class _ScheduledStep:
   """A jitted step with a static ``refit``, dispatched on llqr's schedule."""
 
-  def __init__(self, step_fn: Callable, refit_every: int, state_argnum: int,
-               jit_kwargs):
+  def __init__(self, step_fn: Callable, refit_every: int, warmup: bool,
+               state_argnum: int, jit_kwargs):
     self._jitted = jax.jit(step_fn, static_argnames="refit", **jit_kwargs)
     self._refit_every = refit_every
+    self._warmup = warmup
     self._state_argnum = state_argnum
     self._count: Optional[int] = None
     self._last_state: Any = None
@@ -43,7 +44,7 @@ class _ScheduledStep:
       # A state this loop did not produce (the first call, a restored
       # checkpoint, another loop's): read llqr's count from it, once.
       self._count = int(jax.device_get(state_lib.find_state(state).count))
-    refit = schedule.refit_due(self._count, self._refit_every)
+    refit = schedule.refit_due(self._count, self._refit_every, warmup=self._warmup)
     out = self._jitted(*args, refit=refit, **kwargs)
     self._count += 1
     self._last_state = out[self._state_argnum]
@@ -55,7 +56,7 @@ class _ScheduledStep:
 
 
 def compile_step(step_fn: Callable, *, refit_every: int = schedule.DEFAULT_REFIT_EVERY,
-                 state_argnum: int = 1, **jit_kwargs) -> Callable:
+                 warmup: bool = True, state_argnum: int = 1, **jit_kwargs) -> Callable:
   r"""Compiles a training step twice, refit or not, and runs llqr's schedule.
 
   ``step_fn(*args, refit)`` is your training step with one extra keyword,
@@ -78,6 +79,7 @@ def compile_step(step_fn: Callable, *, refit_every: int = schedule.DEFAULT_REFIT
   Args:
     step_fn: the training step, taking ``refit`` as a keyword argument.
     refit_every: llqr's ``refit_every`` (pass it when it is not the default).
+    warmup: llqr's ``warmup`` (likewise).
     state_argnum: the position of the optimizer state in the arguments and in
       the returned tuple.
     **jit_kwargs: passed to :func:`jax.jit` (e.g. ``donate_argnums``).
@@ -104,4 +106,4 @@ def compile_step(step_fn: Callable, *, refit_every: int = schedule.DEFAULT_REFIT
     (4, 5)
   """
   refit_every = _static_int("refit_every", refit_every, 1)
-  return _ScheduledStep(step_fn, refit_every, state_argnum, jit_kwargs)
+  return _ScheduledStep(step_fn, refit_every, bool(warmup), state_argnum, jit_kwargs)

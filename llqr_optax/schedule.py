@@ -19,17 +19,21 @@ from llqr_optax._validation import _is_concrete, _scalar, _static_int
 DEFAULT_REFIT_EVERY = 200
 
 
-def due(count, refit_every):
-  """Steps 0, 1, 2, 4, 8, … below ``refit_every``, then every ``refit_every``."""
+def due(count, refit_every, warmup=True):
+  """Steps 0, 1, 2, 4, 8, … below ``refit_every``, then every ``refit_every``
+  (without ``warmup``: every ``refit_every`` from step 0)."""
   power_of_two = (count > 0) & ((count & (count - 1)) == 0)
-  return (count % refit_every == 0) | (power_of_two & (count < refit_every))
+  early = power_of_two & (count < refit_every) if warmup else False
+  return (count % refit_every == 0) | early
 
 
-def refit_due(state_or_step: Any, refit_every: int = DEFAULT_REFIT_EVERY) -> bool:
+def refit_due(state_or_step: Any, refit_every: int = DEFAULT_REFIT_EVERY, *,
+              warmup: bool = True) -> bool:
   """Whether llqr's schedule refits at this step, as a Python bool.
 
   The schedule is steps 0, 1, 2, 4, 8, … below ``refit_every``, then every
-  ``refit_every`` steps. ``update`` follows it by itself, inside a
+  ``refit_every`` steps; with ``warmup=False``, every ``refit_every`` steps
+  from step 0. ``update`` follows it by itself, inside a
   ``lax.cond``; a loop that compiles two steps instead (``refit=True`` and
   ``refit=False``, see :func:`scale_by_llqr`) picks one with this. That is
   faster where conditionals are slow: GPUs wait for the predicate on the host
@@ -50,6 +54,7 @@ def refit_due(state_or_step: Any, refit_every: int = DEFAULT_REFIT_EVERY) -> boo
       as an int.
     refit_every: the refit period given to :func:`scale_by_llqr` (the state
       does not hold it: pass it when it is not the default).
+    warmup: the ``warmup`` given to :func:`scale_by_llqr` (likewise).
 
   Returns:
     ``True`` at a refit step.
@@ -63,6 +68,8 @@ def refit_due(state_or_step: Any, refit_every: int = DEFAULT_REFIT_EVERY) -> boo
     >>> import jax.numpy as jnp, optax, llqr_optax
     >>> [t for t in range(1000) if llqr_optax.refit_due(t, refit_every=200)]
     [0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 400, 600, 800]
+    >>> [t for t in range(1000) if llqr_optax.refit_due(t, 200, warmup=False)]
+    [0, 200, 400, 600, 800]
     >>> tx = optax.chain(llqr_optax.llqr(loss="squared_error"), optax.adam(1e-3))
     >>> llqr_optax.refit_due(tx.init({"w": jnp.zeros(3)}))  # count 0
     True
@@ -82,4 +89,4 @@ def refit_due(state_or_step: Any, refit_every: int = DEFAULT_REFIT_EVERY) -> boo
   step = _static_int("step", np.asarray(step).item() if hasattr(step, "ndim")
                      else step, 0)
   refit_every = _static_int("refit_every", refit_every, 1)
-  return requested or bool(due(np.int64(step), np.int64(refit_every)))
+  return requested or bool(due(np.int64(step), np.int64(refit_every), bool(warmup)))

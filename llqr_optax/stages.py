@@ -50,6 +50,8 @@ class Options(NamedTuple):
   relative_damping: bool
   refit_growth: Optional[float]
   normalize: bool
+  floor: Optional[float]
+  warmup: bool
   max_dim: int
   dense_max: int
   axis_name: Any
@@ -202,7 +204,8 @@ def maybe_refit(options: Options, state: LLQRState, batch: Batch,
   grads_finite = _all_finite(batch.grads)
   do_refit = lambda s: refit_state(options, s, batch, trigger.off_schedule)
   if refit is None:
-    due = schedule.due(state.count, options.refit_every) | trigger.off_schedule
+    due = (schedule.due(state.count, options.refit_every, options.warmup)
+           | trigger.off_schedule)
     state = jax.lax.cond(due & grads_finite, do_refit, lambda s: s, state)
   elif refit:
     due = jnp.asarray(True)
@@ -258,7 +261,8 @@ def fit_preconditioner(options: Options, problem: fitting.Problem,
   corrupted checkpoint) can hold NaN or Inf: the fit starts from the identity
   then, as on the first refit. A refit off the schedule, for a gradient that
   grew, restarts like the first: the curvature moved, so the old average is
-  no warm start.
+  no warm start. Without ``warmup`` the first refit, like every other, is
+  averaged into the current ``U`` (the identity), as in the authors' code.
   """
   healthy = _all_finite(state.preconditioner)
   identity = structures.identity_like(state.preconditioner)
@@ -266,7 +270,8 @@ def fit_preconditioner(options: Options, problem: fitting.Problem,
                        state.preconditioner, identity)
   return fitting.refit(problem, start, steps=options.inner_steps,
                        solver=options.inner_solver, ema=options.ema,
-                       first=(state.refits == 0) | ~healthy | off_schedule)
+                       first=(((state.refits == 0) & options.warmup) | ~healthy
+                              | off_schedule))
 
 
 def measure_reduction_ratio(options: Options, batch: Batch, loss_before,
@@ -306,9 +311,11 @@ def refit_state(options: Options, state: LLQRState, batch: Batch,
                           damping_lib.levenberg_marquardt(state.damping, ratio),
                           state.damping)
   scale = jnp.where(jnp.asarray(options.normalize), result.norm_ratio, 1.0)
+  states = (result.states if options.floor is None
+            else structures.floor(result.states, options.floor))
   state = state._replace(key=key)
   return keep_if_finite(
-      state, ok, preconditioner=result.states,
+      state, ok, preconditioner=states,
       damping=new_damping.astype(jnp.float32),
       objective=result.objective.astype(jnp.float32),
       output_scale=scale.astype(jnp.float32), reduction_ratio=ratio,

@@ -47,8 +47,19 @@ def _check_options(options: stages.Options, seed) -> None:
                                  or (hasattr(seed, "dtype")
                                      and jnp.issubdtype(seed.dtype, jnp.integer))):
     raise ValueError(f"seed={seed!r} must be an integer.")
-  _check_number("damping", options.damping, low=0.0, open_low=True,
-                fix="The LQR problem is singular without damping; try 1e-3.")
+  _check_number("damping", options.damping, low=0.0,
+                fix="Try 1e-3, or 0 (the authors' setting) with floor=1e-8.")
+  if options.adapt_damping and _is_concrete(options.damping) and float(options.damping) == 0:
+    raise ValueError("damping=0.0 with adapt_damping=True: Levenberg-Marquardt "
+                     "rescales the damping and cannot move it from 0; start "
+                     "from damping=1e-3, or set adapt_damping=False.")
+  if options.floor is not None:
+    _check_number("floor", options.floor, low=0.0, fix="Try 1e-8, or None.")
+    if isinstance(structure := options.structure, str) and structure in ("kronecker", "dense"):
+      raise ValueError(
+          f"floor={options.floor!r} bounds the scales of 'scalar', 'diagonal' and "
+          f"'ekfac' preconditioners; structure={structure!r} has none (its "
+          "factors are matrices). Use floor=None, or one of those structures.")
   _check_number("ema", options.ema, low=0.0, high=1.0, fix="Try 0.9.")
   for name, low in (("refit_every", 1), ("inner_steps", 0), ("num_chunks", 1)):
     if _is_concrete(getattr(options, name)):
@@ -102,6 +113,8 @@ def scale_by_llqr(
     relative_damping: bool = False,
     refit_growth: Optional[float] = None,
     normalize: bool = False,
+    floor: Optional[float] = None,
+    warmup: bool = True,
     max_dim: int = 1024,
     dense_max: int = 4096,
     seed: int = 0,
@@ -151,7 +164,10 @@ def scale_by_llqr(
       leaves of at most :data:`~llqr_optax.structures.AUTO_DENSE_MAX`
       elements, ``"diagonal"`` for other vectors and
       :data:`~llqr_optax.structures.AUTO_MATRIX` for matrices.
-    damping: ``λ > 0`` added to the curvature.
+    damping: ``λ ≥ 0`` added to the curvature. ``0`` is the authors'
+      setting: the undamped ``J`` may be unbounded below along directions of
+      zero curvature, so it suits the ``"sgd"`` solver's small steps and a
+      ``floor``, not long conjugate-gradient solves.
     refit_every: refit period in steps (after the warm-up refits at steps 0,
       1, 2, 4, …). A refit costs about ``num_chunks · (inner_steps + 2)``
       curvature products or backward passes, each about one training step
@@ -188,6 +204,17 @@ def scale_by_llqr(
       step size anyway, and a steady scale keeps Adam's moment estimates valid
       across refits. ``False`` keeps ``U ≈ (C + λI)⁻¹`` as is (a Newton-like
       step at learning rate 1).
+    floor: after each refit, the fitted scales of ``"scalar"``,
+      ``"diagonal"`` and ``"ekfac"`` preconditioners are raised to at least
+      this value (the authors use ``1e-8``), so ``U`` never reverses a
+      gradient coordinate; ``None`` leaves them free. Matrix factors
+      (Kronecker, dense) have no floor.
+    warmup: refit also at steps 1, 2, 4, … below ``refit_every``, the first
+      refit from scratch (rescaled by its best scalar, not averaged). With
+      ``False``, the authors' schedule: refits at multiples of
+      ``refit_every`` only, each averaged by ``ema`` into the current ``U``
+      (the identity at first). Pass the same value to :func:`compile_step`
+      and :func:`refit_due`.
     max_dim: sides above this size use diagonal factors (Kronecker) or the
       identity basis (ekfac); ``"kronecker"``/``"ekfac"`` named for a leaf
       whose two sides both exceed it is a ``ValueError``.
@@ -227,8 +254,8 @@ def scale_by_llqr(
       structure=structure, damping=damping, refit_every=refit_every,
       num_chunks=num_chunks, inner_steps=inner_steps, inner_solver=inner_solver,
       ema=ema, adapt_damping=adapt_damping, relative_damping=relative_damping,
-      refit_growth=refit_growth, normalize=normalize, max_dim=max_dim,
-      dense_max=dense_max, axis_name=axis_name)
+      refit_growth=refit_growth, normalize=normalize, floor=floor,
+      warmup=warmup, max_dim=max_dim, dense_max=dense_max, axis_name=axis_name)
   _check_options(options, seed)
 
   def init_fn(params):
@@ -293,6 +320,8 @@ def llqr(
     relative_damping: bool = False,
     refit_growth: Optional[float] = None,
     normalize: bool = False,
+    floor: Optional[float] = None,
+    warmup: bool = True,
     max_dim: int = _Static(1024),
     dense_max: int = _Static(4096),
     seed: int = _Static(0),
@@ -323,7 +352,7 @@ def llqr(
     learning_rate: ``η``, a float or an optax schedule, or ``None``.
     loss, geometry, structure, damping, refit_every, num_chunks, inner_steps,
       inner_solver, ema, adapt_damping, relative_damping, refit_growth,
-      normalize, max_dim, dense_max, seed, axis_name: as for
+      normalize, floor, warmup, max_dim, dense_max, seed, axis_name: as for
       :func:`scale_by_llqr`, to which they are passed on by name.
 
   Returns:
@@ -361,8 +390,8 @@ def llqr(
       refit_every=_unstatic(refit_every), num_chunks=_unstatic(num_chunks),
       inner_steps=_unstatic(inner_steps), inner_solver=inner_solver, ema=ema,
       adapt_damping=adapt_damping, relative_damping=relative_damping,
-      refit_growth=refit_growth, normalize=normalize,
-      max_dim=_unstatic(max_dim), dense_max=_unstatic(dense_max),
+      refit_growth=refit_growth, normalize=normalize, floor=floor,
+      warmup=warmup, max_dim=_unstatic(max_dim), dense_max=_unstatic(dense_max),
       seed=_unstatic(seed), axis_name=axis_name)
   if learning_rate is None:
     return precond

@@ -547,7 +547,7 @@ def test_inject_hyperparams_damping_reaches_the_refit():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(damping=0.0), "damping"),
+    (dict(damping=float("nan")), "damping"),
     (dict(damping=-1e-3), "damping"),
     (dict(refit_every=0), "refit_every"),
     (dict(structure="shampoo"), "structure"),

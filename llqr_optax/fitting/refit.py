@@ -104,10 +104,11 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   # J is homogeneous of degree 2 in the samples (gradients and inputs scaled
   # together): the minimiser does not move when both are divided by their
   # root-mean-square norm, and the inner products stay far from float32's
-  # range whatever the gradients' size.
+  # range whatever the gradients' size. Not for "sgd": its fixed step sizes
+  # act on J at the samples' own scale, as in the authors' code.
   n = jax.tree.leaves(problem.grads)[0].shape[0]
   rms = jnp.sqrt(obj.tree_vdot(problem.grads, problem.grads) / n)
-  rms = jnp.where(jnp.isfinite(rms) & (rms > 0), rms, 1.0)
+  rms = jnp.where(jnp.isfinite(rms) & (rms > 0) & (solver != "sgd"), rms, 1.0)
   unit = lambda t: None if t is None else jax.tree.map(lambda x: x / rms, t)
   problem = problem._replace(grads=unit(problem.grads), inputs=unit(problem.inputs))
   new = jax.tree.map(

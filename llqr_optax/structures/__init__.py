@@ -21,13 +21,13 @@ from llqr_optax.structures.ekfac import EigenKronecker, EigenKroneckerState
 from llqr_optax.structures.kronecker import Kronecker, KroneckerState
 from llqr_optax.structures.scalar import Scalar, ScalarState
 from llqr_optax.structures.tree import (AUTO_DENSE_MAX, AUTO_MATRIX, STRUCTURES,
-                                        StructureSpec, apply, identity_like,
+                                        StructureSpec, apply, floor, identity_like,
                                         init, is_state, leaf_names, map_states,
                                         restore_types, structure_of)
 
 __all__ = [
     "AUTO_DENSE_MAX", "AUTO_MATRIX", "STRUCTURES", "Structure", "Scalar", "ScalarState",
     "Diagonal", "DiagonalState", "Kronecker", "KroneckerState", "EigenKronecker",
-    "EigenKroneckerState", "Dense", "DenseState", "apply", "identity_like", "init",
+    "EigenKroneckerState", "Dense", "DenseState", "apply", "floor", "identity_like", "init",
     "is_state", "leaf_names", "restore_types",
     "map_states", "matrix_shape", "structure_of"]

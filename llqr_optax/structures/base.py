@@ -61,6 +61,7 @@ class Structure:
     name: the name used in ``structure=...``.
     State: the ``NamedTuple`` type of a leaf's state.
     blocks: groups of state fields fitted together, in alternation.
+    floors: whether :meth:`floor` bounds the first block (scales of ``U``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -76,6 +77,7 @@ class Structure:
   name: ClassVar[str]
   State: ClassVar[type]
   blocks: ClassVar[Tuple[Tuple[str, ...], ...]]
+  floors: ClassVar[bool] = False
 
   @classmethod
   def init(cls, shape: Tuple[int, ...], *, max_dim: int) -> NamedTuple:
@@ -133,6 +135,20 @@ class Structure:
     """
     del state, k, samples, eps
     return lambda block: block
+
+  @classmethod
+  def floor(cls, state: NamedTuple, value: Any) -> NamedTuple:
+    """``U`` with its fitted scales bounded below by ``value``.
+
+    For structures whose first block holds scales of ``U``'s action
+    (``floors = True``: scalar, diagonal, ekfac's ``S``), each entry becomes
+    ``max(entry, value)``, so that ``U`` never reverses or drops a direction
+    of the gradient. Other structures (matrix factors) are left as they are.
+    """
+    if not cls.floors:
+      return state
+    return state._replace(**{f: jnp.maximum(getattr(state, f), value)
+                             for f in cls.blocks[0]})
 
   @classmethod
   def memory(cls, state: NamedTuple) -> int:

@@ -45,6 +45,7 @@ class Diagonal(Structure):
   name = "diagonal"
   State = DiagonalState
   blocks = (("diag",),)
+  floors = True
 
   @classmethod
   def init(cls, shape, *, max_dim):

@@ -77,6 +77,7 @@ class EigenKronecker(base.TwoSided):
   name = "ekfac"
   State = EigenKroneckerState
   blocks = (("scale",),)
+  floors = True
   sides = ("basis_in", "basis_out")
 
   @classmethod

@@ -42,6 +42,7 @@ class Scalar(Structure):
   name = "scalar"
   State = ScalarState
   blocks = (("scale",),)
+  floors = True
 
   @classmethod
   def init(cls, shape, *, max_dim):

@@ -303,6 +303,20 @@ def identity_like(states: PyTree) -> PyTree:
   return map_states(lambda cls, s: cls.identity_like(s), states)
 
 
+def floor(states: PyTree, value: Any) -> PyTree:
+  """Every leaf's fitted scales bounded below by ``value`` (see
+  :meth:`Structure.floor`; matrix factors are left as they are).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = init({"w": jnp.zeros(3)}, "diagonal")
+    >>> s["w"] = s["w"]._replace(diag=jnp.array([-1.0, 0.0, 2.0]))
+    >>> floor(s, 1e-8)["w"].diag.tolist()
+    [9.99999993922529e-09, 9.99999993922529e-09, 2.0]
+  """
+  return map_states(lambda cls, s: cls.floor(s, value), states)
+
+
 def map_states(fn: Callable[[type, Any], Any], states: PyTree) -> PyTree:
   """Maps ``fn(structure_class, state)`` over every leaf's state.
 
