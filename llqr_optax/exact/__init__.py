@@ -8,17 +8,30 @@ geometry, computed two independent ways:
   the backward Riccati recursion and a forward rollout;
 - :func:`dense_step` / :func:`cg_step`: any ``apply_fn(params)``, the curvature
   materialised and solved directly, or solved matrix-free by CG.
+
+and, to score any optimizer's step against it, :func:`step_quality` (``ρ``,
+the fraction of the exact step's model decrease, matrix-free, with
+:func:`cg_solve` for the exact step, whole or per-leaf block diagonal).
 """
 
 from llqr_optax.exact.layers import Sequential, as_sequential, from_flax_sequential
 from llqr_optax.exact.intermediate import intermediate_curvature
 from llqr_optax.exact.problem import LQRProblem, lqr_problem
+from llqr_optax.exact.quality import (Solution, StepQuality, block_diagonal, cg,
+                                      cg_solve, step_quality)
 from llqr_optax.exact.riccati import exact_step, riccati_step
 from llqr_optax.exact.solve import cg_step, dense_curvature, dense_step
+from llqr_optax.exact.transform import ExactStepState, scale_by_exact_step
 
 __all__ = [
+    "ExactStepState",
     "LQRProblem",
     "Sequential",
+    "Solution",
+    "StepQuality",
+    "block_diagonal",
+    "cg",
+    "cg_solve",
     "as_sequential",
     "cg_step",
     "dense_curvature",
@@ -28,4 +41,6 @@ __all__ = [
     "intermediate_curvature",
     "lqr_problem",
     "riccati_step",
+    "scale_by_exact_step",
+    "step_quality",
 ]
