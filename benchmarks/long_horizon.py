@@ -20,6 +20,9 @@ sgd)`` with llqr's defaults, ``paper+sgdm`` the same with
 ``llqr_optax.PAPER`` (refit period scaled to ``refit_every=100``, 31
 refits, and each refit on a fresh batch: the next step's), and
 ``llqr[k=v,...]+base`` / ``paper[k=v,...]+base`` override llqr's arguments.
+``exact[damping=1.0,cg_steps=10]+base`` preconditions by the exact damped
+step (:func:`llqr_optax.scale_by_exact_step`), ``block[...]+base`` by its
+per-leaf block-diagonal version (the ceiling of block-diagonal ``U``).
 Two options are the script's: ``wd_inside=True`` puts the weight decay
 before llqr (``U`` preconditions ``g + λθ``), ``fresh=True``/``False`` refits
 on the next step's batch or on the step's own.
@@ -73,9 +76,12 @@ def parse_row(name: str) -> Dict[str, Any]:
   if base not in WEIGHT_DECAY:
     raise ValueError(f"row {name!r}: base {base!r} is not one of {list(WEIGHT_DECAY)}")
   if not pre:
-    return dict(base=base, llqr=None, wd_inside=False, fresh=False)
+    return dict(base=base, llqr=None, exact=None, wd_inside=False, fresh=False)
   head, _, opts = pre.partition("[")
   kwargs = parse_options(opts.rstrip("]"))
+  if head in ("exact", "block"):
+    kwargs = {"damping": 1.0, "cg_steps": 10, "per_leaf": head == "block", **kwargs}
+    return dict(base=base, llqr=None, exact=kwargs, wd_inside=False, fresh=False)
   if head == "paper":
     kwargs = {**llqr_optax.PAPER, "refit_every": PAPER_REFIT_EVERY, "fresh": True,
               **kwargs}
@@ -83,7 +89,7 @@ def parse_row(name: str) -> Dict[str, Any]:
     raise ValueError(f"row {name!r}: {head!r} is not llqr or paper")
   wd_inside = bool(kwargs.pop("wd_inside", False))
   fresh = bool(kwargs.pop("fresh", False))
-  return dict(base=base, llqr=kwargs, wd_inside=wd_inside, fresh=fresh)
+  return dict(base=base, llqr=kwargs, exact=None, wd_inside=wd_inside, fresh=fresh)
 
 
 def family(name: str) -> str:
@@ -105,6 +111,8 @@ def base_tx(base: str, lr):
 def make_tx(row: Dict[str, Any], loss: str, lr):
   """The row's optax transform at rate ``lr``."""
   base = base_tx(row["base"], lr)
+  if row["exact"] is not None:
+    return optax.chain(llqr_optax.scale_by_exact_step(loss=loss, **row["exact"]), base)
   if row["llqr"] is None:
     return base
   pre = llqr_optax.llqr(loss=loss, **row["llqr"])
@@ -136,6 +144,8 @@ def build_step(task: horizon_tasks.HorizonTask, row: Dict[str, Any]):
     tx = make_tx(row, loss_name, lr)
     loss, grads = jax.value_and_grad(lambda p: task.loss(p, x, y))(params)
     extra = {}
+    if row["exact"] is not None:
+      extra = dict(apply_fn=lambda p: task.apply(p, x), targets=y)
     if row["llqr"] is not None:
       extra = dict(apply_fn=lambda p: task.apply(p, x), targets=y, refit=refit)
       if row["fresh"]:

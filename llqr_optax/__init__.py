@@ -19,8 +19,8 @@ The package is laid out as the method is:
 """
 
 from llqr_optax import exact, fitting, losses, structures
-from llqr_optax.exact import (cg_step, dense_step, exact_step, scale_by_exact_step,
-                              step_quality)
+from llqr_optax.exact import (cg_step, dense_step, exact_step, rho_meter,
+                              scale_by_exact_step, step_quality)
 from llqr_optax.geometry import (GEOMETRIES, Geometry, curvature_product,
                                  linearize, output_metric)
 from llqr_optax.compose import PreconditionBaseState, precondition_base
@@ -42,5 +42,5 @@ __all__ = [
     "curvature_product",
     "dense_step", "diagnostics", "exact", "exact_step", "find_state", "fitting",
     "linearize", "llqr", "losses", "output_metric", "precondition",
-    "precondition_base", "refit_due", "scale_by_exact_step", "scale_by_llqr",
+    "precondition_base", "refit_due", "rho_meter", "scale_by_exact_step", "scale_by_llqr",
     "state_shardings", "step_quality", "structures"]

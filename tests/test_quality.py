@@ -168,3 +168,22 @@ def test_exact_step_transform_needs_the_model():
     tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}), {"w": jnp.ones(2)})
   with pytest.raises(ValueError, match="damping=0"):
     llqr_optax.scale_by_exact_step(loss=CE, damping=0.0)
+
+
+def test_rho_meter_logs_step_quality_and_compiles_once(problem):
+  """The meter's floats are ``step_quality``'s; a second batch of the same
+  shape reuses the compiled program."""
+  traces = []
+  apply = lambda p, x: (traces.append(1), helpers.mlp(p, x))[1]
+  meter = llqr_optax.rho_meter(apply, loss=CE, damping=LAMBDA, tol=1e-10, max_steps=100)
+  d = -problem["g"] / jnp.diag(problem["a"])
+  keys = jax.random.split(jax.random.PRNGKey(7), 6)
+  x = jax.random.normal(keys[4], (10, 4))
+  logs = meter(problem["unravel"](d), problem["params"], x, problem["y"])
+  assert set(logs) == {"rho", "rho_scale", "rho_cosine", "rho_cg_residual",
+                       "rho_cg_iterations"}
+  assert all(isinstance(v, float) for v in logs.values())
+  np.testing.assert_allclose(logs["rho"], _rho_dense(problem["a"], problem["g"], d), rtol=1e-6)
+  count = len(traces)
+  meter(problem["unravel"](d), problem["params"], x + 1.0, problem["y"])
+  assert len(traces) == count

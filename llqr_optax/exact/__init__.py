@@ -18,7 +18,7 @@ from llqr_optax.exact.layers import Sequential, as_sequential, from_flax_sequent
 from llqr_optax.exact.intermediate import intermediate_curvature
 from llqr_optax.exact.problem import LQRProblem, lqr_problem
 from llqr_optax.exact.quality import (Solution, StepQuality, block_diagonal, cg,
-                                      cg_solve, step_quality)
+                                      cg_solve, rho_meter, step_quality)
 from llqr_optax.exact.riccati import exact_step, riccati_step
 from llqr_optax.exact.solve import cg_step, dense_curvature, dense_step
 from llqr_optax.exact.transform import ExactStepState, scale_by_exact_step
@@ -40,6 +40,7 @@ __all__ = [
     "from_flax_sequential",
     "intermediate_curvature",
     "lqr_problem",
+    "rho_meter",
     "riccati_step",
     "scale_by_exact_step",
     "step_quality",

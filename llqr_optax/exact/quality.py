@@ -60,7 +60,10 @@ def block_diagonal(matvec: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyT
      (\operatorname{blockdiag} A)\, v = \big( A_{ll}\, v_l \big)_l, \qquad
      A_{ll} v_l = \big[ A\, (0, \dots, v_l, \dots, 0) \big]_l ,
 
-  one product of ``A`` per leaf, vectorised with ``vmap``.
+  one product of ``A`` per leaf: vectorised with ``vmap``, except on CPU,
+  where one product per leaf in turn runs faster (batched convolutions are
+  slow on XLA:CPU; 3.5 s against 0.5 s a step for 10 iterations on the
+  18-leaf MNIST-1D ResNet).
 
   Example:
     >>> import jax.numpy as jnp
@@ -71,6 +74,11 @@ def block_diagonal(matvec: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyT
   def apply(v):
     leaves, treedef = jax.tree.flatten(v)
     n = len(leaves)
+    def product(i):
+      one = [x if j == i else jnp.zeros_like(x) for j, x in enumerate(leaves)]
+      return jax.tree.leaves(matvec(jax.tree.unflatten(treedef, one)))[i]
+    if jax.default_backend() == "cpu":
+      return jax.tree.unflatten(treedef, [product(i) for i in range(n)])
     embedded = [jnp.stack([x if j == i else jnp.zeros_like(x) for j in range(n)])
                 for i, x in enumerate(leaves)]
     products = jax.vmap(matvec)(jax.tree.unflatten(treedef, embedded))
@@ -272,3 +280,51 @@ def step_quality(direction: PyTree, apply_fn: Callable[[PyTree], Array],
   return StepQuality(rho=rho, scale=jnp.where(ok, -gd / safe(dad), 0.0), cosine=cosine,
                      exact_decrease=exact_decrease, residual=exact.residual,
                      iterations=exact.iterations)
+
+
+def rho_meter(apply: Callable[[PyTree, Any], Array], *, loss: losses_lib.LossLike,
+              geometry: geometry_lib.GeometryLike = "ggn",
+              damping: Union[float, Array] = 1e-3, tol: float = 1e-4,
+              max_steps: int = 50, prefix: str = "rho") -> Callable[..., dict]:
+  r"""A compiled ``ρ`` of live updates, for a training loop's logger.
+
+  ``meter(updates, params, inputs, targets)`` scores the update an optimizer
+  just produced (e.g. ``tx.update``'s output, before ``apply_updates``) on
+  the current batch by :func:`step_quality`, and returns Python floats named
+  like :func:`~llqr_optax.diagnostics`' (``{prefix}``, ``{prefix}_scale``,
+  ``{prefix}_cosine``, ``{prefix}_cg_residual``, ``{prefix}_cg_iterations``).
+  It compiles once per shape. Call it every ``k`` steps: each call costs a
+  forward pass, a gradient and up to ``max_steps + 1`` curvature products
+  (each about a training step's forward and backward pass), and waits for the
+  result.
+
+  Args:
+    apply: ``apply(params, inputs) -> outputs`` (e.g. a Flax ``model.apply``).
+    loss, geometry, damping, tol, max_steps: as for :func:`step_quality`.
+    prefix: the names' prefix.
+
+  Returns:
+    ``meter(updates, params, inputs, targets) -> dict``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> meter = rho_meter(lambda p, x: x @ p["w"], loss="squared_error", damping=1e-3)
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 3.0]])
+    >>> logs = meter({"w": -jnp.ones(2)}, {"w": jnp.zeros(2)}, x, jnp.ones(2))
+    >>> round(logs["rho"], 3), sorted(logs)[:2]
+    (0.801, ['rho', 'rho_cg_iterations'])
+  """
+  @jax.jit
+  def measure(updates, params, inputs, targets):
+    return step_quality(updates, lambda p: apply(p, inputs), params, targets,
+                        loss=loss, geometry=geometry, damping=damping, tol=tol,
+                        max_steps=max_steps)
+
+  def meter(updates, params, inputs, targets=None) -> dict:
+    q = jax.device_get(measure(updates, params, inputs, targets))
+    return {prefix: float(q.rho), f"{prefix}_scale": float(q.scale),
+            f"{prefix}_cosine": float(q.cosine),
+            f"{prefix}_cg_residual": float(q.residual),
+            f"{prefix}_cg_iterations": float(q.iterations)}
+
+  return meter
