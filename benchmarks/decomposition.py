@@ -13,15 +13,18 @@ best scale; the same geometry and damping as the llqr configuration):
 3. ``fit``: llqr's structure fitted on ``--chunks`` gradient samples of batch
    ``t`` itself (``--fit-steps`` PCG steps from the identity, no averaging):
    the fit's ceiling;
-4. ``stale``: the ``fit`` of batch ``t − --stale`` applied at ``t``: what
+4. ``next``: the ``fit`` of batch ``t − 1`` applied at ``t``: what a fit
+   loses on a batch it was not fitted on;
+   ``stale``: the ``fit`` of batch ``t − --stale`` applied at ``t``: what
    reusing a fitted ``U`` for that many steps costs;
 5. ``llqr``: the run's own ``U`` at step ``t`` (its defaults: refits every
    200 steps, 4 samples, 3 PCG steps, EMA): what the configuration delivers;
 6. ``gradient``: the plain gradient (SGD's direction), for scale.
 
 The distance between two adjacent rows is what one lever can win: cross-layer
-terms (1 to 2), structure (2 to 3), amortisation (3 to 4), samples, solver
-and averaging (4 to 5).
+terms (1 to 2), structure (2 to 3; a structured ``U`` fitted by llqr sees the
+cross-leaf terms of ``C``, so it can beat the block-exact step), a new batch
+and amortisation (3 to 4), samples, solver and averaging (4 to 5).
 
   .. venv/bin/python -m benchmarks.decomposition --task resnet --seeds 0 1 2
   .. venv/bin/python -m benchmarks.decomposition --task autoencoder --seeds 0 1 2
@@ -48,7 +51,7 @@ from benchmarks.cli import ROOT
 from llqr_optax import fitting, structures
 
 OUT = ROOT / "benchmarks" / "out" / "decomposition"
-ROWS = ("exact", "block", "fit", "stale", "llqr", "gradient")
+ROWS = ("exact", "block", "fit", "next", "stale", "llqr", "gradient")
 
 
 def setup(name: str):
@@ -98,7 +101,7 @@ def run_seed(task: str, seed: int, args) -> List[Dict[str, Any]]:
   step = llqr_optax.compile_step(step)
 
   @jax.jit
-  def score(params, x, y, live, fitted_now, fitted_old):
+  def score(params, x, y, live, fitted_now, fitted_prev, fitted_old):
     apply_fn = lambda p: apply(p, x)
     g = jax.grad(lambda p: loss_fn(apply_fn(p), y))(params)
     exact = llqr_optax.exact.cg_solve(apply_fn, params, y, loss=loss, tol=1e-5,
@@ -106,7 +109,8 @@ def run_seed(task: str, seed: int, args) -> List[Dict[str, Any]]:
     block = llqr_optax.exact.cg_solve(apply_fn, params, y, loss=loss, tol=1e-5,
                                       max_steps=args.cg_max, per_leaf=True, **kw)
     dirs = dict(exact=exact.step, block=block.step,
-                fit=structures.apply(fitted_now, g), stale=structures.apply(fitted_old, g),
+                fit=structures.apply(fitted_now, g), next=structures.apply(fitted_prev, g),
+                stale=structures.apply(fitted_old, g),
                 llqr=structures.apply(live, g), gradient=g)
     out = {k: llqr_optax.step_quality(d, apply_fn, params, y, loss=loss, exact=exact,
                                       **kw).rho for k, d in dirs.items()}
@@ -118,14 +122,15 @@ def run_seed(task: str, seed: int, args) -> List[Dict[str, Any]]:
       loss, lambda q: apply(q, x), p, y, like, chunks=args.chunks, steps=args.fit_steps,
       **kw))
   fits, records = {}, []
-  wanted = {t - args.stale for t in checkpoints} | set(checkpoints)
+  wanted = ({t - args.stale for t in checkpoints} | {t - 1 for t in checkpoints}
+            | set(checkpoints))
   for t in range(steps):
     if t in wanted:
       fits[t] = fit_jit(params, xs[t], ys[t], llqr_optax.find_state(state).preconditioner)
     if t in checkpoints:
       live = llqr_optax.find_state(state).preconditioner
       r = {k: float(v) for k, v in score(params, xs[t], ys[t], live, fits[t],
-                                           fits[t - args.stale]).items()}
+                                           fits[t - 1], fits[t - args.stale]).items()}
       records.append(dict(seed=seed, step=t, **r))
       print(f"  seed {seed} step {t}: " + ", ".join(f"{k} {r[k]:.3f}" for k in ROWS)
             + f" (exact CG {r['exact_iterations']:.0f} it., residual "

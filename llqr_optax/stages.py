@@ -27,6 +27,7 @@ from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
 from llqr_optax import schedule
 from llqr_optax import structures
+from llqr_optax._conv_layout import canonical_convolutions
 from llqr_optax._validation import (_check_axis_name, _check_like_params,
                                     _check_params, _check_state, _static_int,
                                     _unwrapped)
@@ -206,7 +207,8 @@ def maybe_refit(options: Options, state: LLQRState, batch: Batch,
   if refit is None:
     due = (schedule.due(state.count, options.refit_every, options.warmup)
            | trigger.off_schedule)
-    state = jax.lax.cond(due & grads_finite, do_refit, lambda s: s, state)
+    state = jax.lax.cond(due & grads_finite, canonical_convolutions(do_refit),
+                         lambda s: s, state)
   elif refit:
     due = jnp.asarray(True)
     refitted = do_refit(state)

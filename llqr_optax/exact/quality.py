@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
+from llqr_optax._conv_layout import canonical_convolutions
 from llqr_optax.exact import _checks
 
 Array = jax.Array
@@ -156,7 +157,7 @@ def cg(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, tol: Optional[float] 
     for _ in range(int(max_steps)):
       carry = body(carry)
   else:
-    carry = jax.lax.while_loop(going, body, carry)
+    carry = jax.lax.while_loop(going, canonical_convolutions(body), carry)
   x, _, _, rr, k = carry
   return Solution(x, relative(rr), k)
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from llqr_optax import structures
+from llqr_optax._conv_layout import canonical_convolutions
 from llqr_optax._samples import mean_samples
 from llqr_optax.fitting import objective as obj
 from llqr_optax.fitting import solvers
@@ -119,7 +120,7 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
     c = solvers.best_scale(problem, s)
     return structures.map_states(lambda cls, st: cls.scale(st, c), s)
 
-  new = jax.lax.cond(first, rescale, lambda s: s, new)
+  new = jax.lax.cond(first, canonical_convolutions(rescale), lambda s: s, new)
   if solver in ("cg", "pcg") and obj.num_blocks(new) == 1:
     # One block, in which U is linear: A u_c of the average is the average of
     # the start's and the fit's, both known from the fit's own products.
