@@ -117,8 +117,8 @@ def make_tx(row: Dict[str, Any], loss: str, lr):
     return base
   pre = llqr_optax.llqr(loss=loss, **row["llqr"])
   if row["wd_inside"]:  # sgdm only: weight decay, then llqr, then SGD
-    wd, sgd = base[0], base[1]
-    return optax.chain(wd, pre, sgd)
+    return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY["sgdm"]), pre,
+                       optax.sgd(lr, momentum=0.9))
   return optax.chain(pre, base)
 
 
