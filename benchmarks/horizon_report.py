@@ -100,6 +100,41 @@ def table(summary: Dict[str, Dict[str, Any]], base: str) -> str:
   return "\n".join(lines)
 
 
+def lever_table(runs: List[Dict[str, Any]], base: str) -> str:
+  """Every row on seed 0 at its best rate (the tuning runs): the screen."""
+  from benchmarks.long_horizon import best_rate
+  lines = ["| row | rate (grid) | val acc. % | test acc. % | final train loss | refits |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  names = list(dict.fromkeys(r["row"] for r in runs))
+  store = type("S", (), {"runs": runs})
+  for name in names:
+    lr = best_rate(store, name)
+    if lr is None:
+      continue
+    r = next(r for r in runs if r["row"] == name and r["seed"] == 0 and r["lr"] == lr)
+    grid = ", ".join(f"{x:g}" for x in sorted({q["lr"] for q in runs
+                                               if q["row"] == name and q["seed"] == 0}))
+    f = r["final"]
+    refits = r.get("llqr", {}).get("refits")
+    lines.append(f"| `{name}` | {lr:g} ({grid}) | {100 * f['val_acc']:.1f} | "
+                 f"{100 * f['test_acc']:.1f} | {f['train_loss']:.4f} | "
+                 f"{'' if refits is None else f'{refits:.0f}'} |")
+  return "\n".join(lines)
+
+
+def compact(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """The runs with floats rounded to 5 significant digits (for the repository)."""
+  def rnd(x):
+    if isinstance(x, float):
+      return float(f"{x:.5g}")
+    if isinstance(x, dict):
+      return {k: rnd(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return [rnd(v) for v in x]
+    return x
+  return [rnd(r) for r in runs]
+
+
 def plot(task, rows: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
   plt = plotting.pyplot()
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -121,13 +156,26 @@ def plot(task, rows: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
     lo = min(np.median([r["curve"]["test_acc"][-1] for r in rs]) for rs in rows.values())
     axes[0, col].set_ylim(100 * lo - 10, None)
   axes[0, 0].legend(fontsize=8)
-  fig.suptitle(f"{task.description}: medians over seeds, min-max bands")
+  fig.suptitle(f"{task.description}\nmedians over seeds, min-max bands", fontsize=9)
   return plotting.save(fig, path)
 
 
-def report(task, runs: List[Dict[str, Any]], out: Path, base: str) -> str:
-  """Writes ``<task>_summary.json`` and ``<task>.png`` to ``out``; returns the table."""
-  summary = summarise(runs, base)
+def report(task, runs: List[Dict[str, Any]], out: Path, base: str,
+           min_seeds: int = 3) -> str:
+  """Writes ``<task>.md`` (the table of rows run on at least ``min_seeds``
+  seeds, then the screen of every row on seed 0), ``<task>_summary.json``,
+  ``<task>.png`` and the compacted runs ``<task>_runs.json`` to ``out``;
+  returns the markdown."""
+  out.mkdir(parents=True, exist_ok=True)
+  summary = {k: v for k, v in summarise(runs, base).items() if len(v["seeds"]) >= min_seeds}
   (out / f"{task.name}_summary.json").write_text(json.dumps(summary, indent=1))
-  plot(task, tuned_runs(runs), out / f"{task.name}.png")
-  return table(summary, base)
+  (out / f"{task.name}_runs.json").write_text(json.dumps(compact(runs)))
+  rows = {k: v for k, v in tuned_runs(runs).items() if k in summary}
+  plot(task, rows, out / f"{task.name}.png")
+  text = (f"### {task.description}\n\nMedians over seeds {sorted(next(iter(summary.values()))['seeds']) if summary else []} "
+          f"[min–max], each row at its rate tuned on seed 0 (highest final validation "
+          f"accuracy; the grid in brackets).\n\n{table(summary, base)}\n\n"
+          f"Screen (seed 0, each row at its best rate of the grid):\n\n"
+          f"{lever_table(runs, base)}\n\n![{task.name}]({task.name}.png)\n")
+  (out / f"{task.name}.md").write_text(text)
+  return text

@@ -278,7 +278,9 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--out", type=Path, default=OUT)
   parser.add_argument("--report", action="store_true",
-                      help="only write the table and plots from the stored runs")
+                      help="only write the tables, plots and compacted runs to --results")
+  parser.add_argument("--results", type=Path,
+                      default=ROOT / "benchmarks" / "results" / "long_horizon")
   parser.add_argument("--lr", type=float, default=None,
                       help="skip tuning: run every row at this rate")
   args = parser.parse_args(argv)
@@ -291,7 +293,7 @@ def main(argv=None):
   store = Store(args.out / f"{args.task}.json")
   if args.report:
     from benchmarks import horizon_report
-    print(horizon_report.report(task, store.runs, args.out, base))
+    print(horizon_report.report(task, store.runs, args.results, base))
     return
   steps = args.steps or STEPS[args.task]
   meta = dict(task=task.name, description=task.description, steps=steps,
