@@ -5,9 +5,10 @@ r"""The stages of one llqr update, each a function with one job.
     batch, state = check_inputs(options, grads, state, params, ...)
     trigger = refit_trigger(options, state, batch.grads)
     state = maybe_refit(options, state, batch, trigger, refit)
-    return precondition_and_guard(state, batch)
+    return precondition_and_guard(options, state, batch)
 
-and a refit (:func:`refit_state`) as five: build the problem on the refit
+(with ``cg_steps``, stage 4 refines ``U(g)`` toward the exact damped step
+first: :func:`refine_by_cg`), and a refit (:func:`refit_state`) as five: build the problem on the refit
 batch, set its damping, fit ``U``, measure ``ρ̂`` and keep the result only if
 every part of it is finite.
 """
@@ -28,6 +29,7 @@ from llqr_optax import losses as losses_lib
 from llqr_optax import schedule
 from llqr_optax import structures
 from llqr_optax._conv_layout import canonical_convolutions
+from llqr_optax.exact import quality as exact_quality
 from llqr_optax._validation import (_check_axis_name, _check_like_params,
                                     _check_params, _check_state, _static_int,
                                     _unwrapped)
@@ -53,6 +55,7 @@ class Options(NamedTuple):
   normalize: bool
   floor: Optional[float]
   warmup: bool
+  cg_steps: int
   max_dim: int
   dense_max: int
   axis_name: Any
@@ -227,13 +230,37 @@ def maybe_refit(options: Options, state: LLQRState, batch: Batch,
   return state
 
 
-def precondition_and_guard(state: LLQRState, batch: Batch):
-  """Stage 4: ``c · U(g)``, zeroed (and counted) unless every entry is finite.
+def refine_by_cg(options: Options, state: LLQRState, batch: Batch, u: PyTree) -> PyTree:
+  r"""Stage 4a: ``cg_steps`` of conjugate gradients on ``(C + λI) x = g``.
+
+  Started at llqr's output :math:`x_0 = c\,U(g)` and preconditioned by
+  :math:`c\,U`: zero steps are llqr's step, many the exact damped step
+  (:func:`~llqr_optax.exact.cg`). The products are those of the refit batch
+  (``refit_apply_fn``, e.g. a sub-batch, or the training batch), one per step.
+  """
+  key = jax.random.fold_in(jnp.asarray(state.key), state.count)
+  lin = geometry_lib.linearize(batch.model_fn, batch.params, batch.targets,
+                               loss=options.loss, geometry=options.geometry, key=key)
+  matvec = lambda v: lin.matvec(v, state.damping)
+  if options.axis_name is not None:
+    matvec = lambda v, mv=matvec: jax.lax.pmean(mv(v), options.axis_name)
+  like = lambda tree: jax.tree.map(lambda x, p: x.astype(p.dtype), tree, batch.params)
+  return exact_quality.cg(matvec, like(batch.grads), tol=None,
+                          max_steps=options.cg_steps, x0=like(u),
+                          preconditioner=lambda r: like(_precondition(state, r))).step
+
+
+def precondition_and_guard(options: Options, state: LLQRState, batch: Batch):
+  """Stage 4: ``c · U(g)`` (refined by :func:`refine_by_cg` with ``cg_steps``),
+  zeroed (and counted) unless every entry is finite.
 
   Every structure is linear, so NaN or Inf in ``g`` propagates to ``U(g)``
   (``0 · Inf = NaN``): checking ``U(g)`` alone covers both, one pass fewer.
   """
   out = _precondition(state, batch.grads)
+  if options.cg_steps:
+    refined = refine_by_cg(options, state, batch, out)
+    out = jax.tree.map(lambda r, u: r.astype(u.dtype), refined, out)
   out_ok = _all_finite(out)
   out = jax.tree.map(lambda u: jnp.where(out_ok, u, jnp.zeros_like(u)), out)
   state = state._replace(

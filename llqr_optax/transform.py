@@ -61,7 +61,8 @@ def _check_options(options: stages.Options, seed) -> None:
           f"'ekfac' preconditioners; structure={structure!r} has none (its "
           "factors are matrices). Use floor=None, or one of those structures.")
   _check_number("ema", options.ema, low=0.0, high=1.0, fix="Try 0.9.")
-  for name, low in (("refit_every", 1), ("inner_steps", 0), ("num_chunks", 1)):
+  for name, low in (("refit_every", 1), ("inner_steps", 0), ("num_chunks", 1),
+                    ("cg_steps", 0)):
     if _is_concrete(getattr(options, name)):
       _static_int(name, getattr(options, name), low)
   if options.inner_solver not in fitting.SOLVERS:
@@ -115,6 +116,7 @@ def scale_by_llqr(
     normalize: bool = False,
     floor: Optional[float] = None,
     warmup: bool = True,
+    cg_steps: int = 0,
     max_dim: int = 1024,
     dense_max: int = 4096,
     seed: int = 0,
@@ -215,6 +217,12 @@ def scale_by_llqr(
       ``refit_every`` only, each averaged by ``ema`` into the current ``U``
       (the identity at first). Pass the same value to :func:`compile_step`
       and :func:`refit_due`.
+    cg_steps: refine each output by this many steps of conjugate gradients
+      on ``(C + λI) x = g`` from ``x₀ = U(g)``, preconditioned by ``U``: the
+      continuum from llqr's step (``0``) to the exact damped step
+      (:func:`~llqr_optax.scale_by_exact_step`), at one curvature product a
+      step on the refit batch (``refit_apply_fn``, e.g. a sub-batch, or the
+      training batch).
     max_dim: sides above this size use diagonal factors (Kronecker) or the
       identity basis (ekfac); ``"kronecker"``/``"ekfac"`` named for a leaf
       whose two sides both exceed it is a ``ValueError``.
@@ -255,7 +263,8 @@ def scale_by_llqr(
       num_chunks=num_chunks, inner_steps=inner_steps, inner_solver=inner_solver,
       ema=ema, adapt_damping=adapt_damping, relative_damping=relative_damping,
       refit_growth=refit_growth, normalize=normalize, floor=floor,
-      warmup=warmup, max_dim=max_dim, dense_max=dense_max, axis_name=axis_name)
+      warmup=warmup, cg_steps=cg_steps, max_dim=max_dim, dense_max=dense_max,
+      axis_name=axis_name)
   _check_options(options, seed)
 
   def init_fn(params):
@@ -275,7 +284,7 @@ def scale_by_llqr(
         refit_targets=refit_targets, inputs_fn=inputs_fn)
     trigger = stages.refit_trigger(options, state, batch.grads)
     state = stages.maybe_refit(options, state, batch, trigger, refit)
-    return stages.precondition_and_guard(state, batch)
+    return stages.precondition_and_guard(options, state, batch)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -322,6 +331,7 @@ def llqr(
     normalize: bool = False,
     floor: Optional[float] = None,
     warmup: bool = True,
+    cg_steps: int = _Static(0),
     max_dim: int = _Static(1024),
     dense_max: int = _Static(4096),
     seed: int = _Static(0),
@@ -352,7 +362,7 @@ def llqr(
     learning_rate: ``η``, a float or an optax schedule, or ``None``.
     loss, geometry, structure, damping, refit_every, num_chunks, inner_steps,
       inner_solver, ema, adapt_damping, relative_damping, refit_growth,
-      normalize, floor, warmup, max_dim, dense_max, seed, axis_name: as for
+      normalize, floor, warmup, cg_steps, max_dim, dense_max, seed, axis_name: as for
       :func:`scale_by_llqr`, to which they are passed on by name.
 
   Returns:
@@ -391,7 +401,7 @@ def llqr(
       inner_steps=_unstatic(inner_steps), inner_solver=inner_solver, ema=ema,
       adapt_damping=adapt_damping, relative_damping=relative_damping,
       refit_growth=refit_growth, normalize=normalize, floor=floor,
-      warmup=warmup, max_dim=_unstatic(max_dim), dense_max=_unstatic(dense_max),
+      warmup=warmup, cg_steps=_unstatic(cg_steps), max_dim=_unstatic(max_dim), dense_max=_unstatic(dense_max),
       seed=_unstatic(seed), axis_name=axis_name)
   if learning_rate is None:
     return precond

@@ -187,3 +187,25 @@ def test_rho_meter_logs_step_quality_and_compiles_once(problem):
   count = len(traces)
   meter(problem["unravel"](d), problem["params"], x + 1.0, problem["y"])
   assert len(traces) == count
+
+
+def test_llqr_cg_steps_run_from_u_g_to_the_exact_step(problem):
+  """``llqr(cg_steps=k)``: the quadratic model's value at the output falls
+  with ``k`` (preconditioned CG from ``U g``), and many steps give the exact
+  damped step."""
+  a, g = problem["a"], problem["g"]
+  grads = problem["unravel"](g)
+
+  def output(k):
+    tx = llqr_optax.llqr(loss=CE, structure="diagonal", floor=1e-3, damping=LAMBDA,
+                         cg_steps=k)
+    u, _ = jax.jit(lambda gr, s: tx.update(
+        gr, s, problem["params"], apply_fn=problem["apply_fn"],
+        targets=problem["y"]))(grads, tx.init(problem["params"]))
+    return ravel_pytree(u)[0]
+
+  model = lambda x: -(g @ x) + 0.5 * x @ a @ x  # at the step −x
+  values = [float(model(output(k))) for k in (0, 1, 3, 10)]
+  assert all(b <= a_ + 1e-12 for a_, b in zip(values, values[1:])), values
+  assert values[-1] < values[0]
+  np.testing.assert_allclose(output(150), jnp.linalg.solve(a, g), rtol=1e-4, atol=1e-6)

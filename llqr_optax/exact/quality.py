@@ -102,7 +102,8 @@ class Solution(NamedTuple):
 
 def cg(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, tol: Optional[float] = 1e-6,
        max_steps: int = 100, x0: Optional[PyTree] = None,
-       per_leaf: bool = False) -> Solution:
+       per_leaf: bool = False,
+       preconditioner: Optional[Callable[[PyTree], PyTree]] = None) -> Solution:
   r"""Conjugate gradients on ``A x = b`` for a symmetric positive definite ``A``.
 
   Runs until :math:`\lVert A x - b \rVert \le \text{tol}\, \lVert b \rVert` or
@@ -112,6 +113,9 @@ def cg(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, tol: Optional[float] 
   ``A`` is taken as block diagonal over the leaves and each leaf runs its own
   CG (its own step lengths) in the same loop; the residual is then the
   largest leaf's. A direction of zero curvature (converged) leaves ``x`` as it is.
+  ``preconditioner`` (``r -> M⁻¹ r``, symmetric positive definite) makes it
+  preconditioned CG; a step where ``rᵀM⁻¹r ≤ 0`` (an indefinite ``M``) stops
+  the iteration where it is.
 
   Returns:
     A :class:`Solution` with ``step = x``.
@@ -135,31 +139,33 @@ def cg(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, tol: Optional[float] 
                          rr, norm_b)
     return jnp.max(jnp.stack(jax.tree.leaves(ratio)))
 
+  precond = (lambda v: v) if preconditioner is None else preconditioner
+  ratio = lambda q, d: jax.tree.map(
+      lambda a, b: jnp.where((b > 0) & (a > 0), a / jnp.where(b > 0, b, 1.0), 0.0), q, d)
+
   def body(carry):
-    x, r, p, rr, k = carry
+    x, r, p, rz, k = carry
     ap = matvec(p)
-    pap = dot(p, ap)
-    alpha = jax.tree.map(lambda q, d: jnp.where(d > 0, q / jnp.where(d > 0, d, 1.0), 0.0),
-                         rr, pap)
+    alpha = ratio(rz, dot(p, ap))
     x = jax.tree.map(lambda a, b: a + b, x, scale(alpha, p))
     r = jax.tree.map(lambda a, b: a - b, r, scale(alpha, ap))
-    rr_new = dot(r, r)
-    beta = jax.tree.map(lambda q, o: jnp.where(o > 0, q / jnp.where(o > 0, o, 1.0), 0.0),
-                        rr_new, rr)
-    p = jax.tree.map(lambda a, b: a + b, r, scale(beta, p))
-    return x, r, p, rr_new, k + 1
+    z = precond(r)
+    rz_new = dot(r, z)
+    p = jax.tree.map(lambda a, b: a + b, z, scale(ratio(rz_new, rz), p))
+    return x, r, p, rz_new, k + 1
 
   def going(carry):
-    return (carry[4] < max_steps) & (relative(carry[3]) > tol)
+    return (carry[4] < max_steps) & (relative(dot(carry[1], carry[1])) > tol)
 
-  carry = (x, r, r, dot(r, r), jnp.zeros((), jnp.int32))
+  z = precond(r)
+  carry = (x, r, z, dot(r, z), jnp.zeros((), jnp.int32))
   if tol is None:
     for _ in range(int(max_steps)):
       carry = body(carry)
   else:
     carry = jax.lax.while_loop(going, canonical_convolutions(body), carry)
-  x, _, _, rr, k = carry
-  return Solution(x, relative(rr), k)
+  x, r, _, _, k = carry
+  return Solution(x, relative(dot(r, r)), k)
 
 
 def cg_solve(apply_fn: Callable[[PyTree], Array], params: PyTree, targets: Any = None,
