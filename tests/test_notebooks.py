@@ -19,7 +19,7 @@ from jupyter_client.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXPECTED = {"quickstart.ipynb", "exact_lqr.ipynb", "structures.ipynb"}
+EXPECTED = {"quickstart.ipynb", "exact_lqr.ipynb", "structures.ipynb", "second_order.ipynb"}
 CELL_TIMEOUT_S = 600  # a hang guard, not a performance bound
 
 
