@@ -7,10 +7,10 @@ r"""The stages of one llqr update, each a function with one job.
     state = maybe_refit(options, state, batch, trigger, refit)
     return precondition_and_guard(options, state, batch)
 
-(with ``cg_steps``, stage 4 refines ``U(g)`` toward the exact damped step
-first: :func:`refine_by_cg`), and a refit (:func:`refit_state`) as five: build the problem on the refit
-batch, set its damping, fit ``U``, measure ``ρ̂`` and keep the result only if
-every part of it is finite.
+(with ``cg_steps``, stage 4 first refines ``U(g)`` toward the exact damped
+step: :func:`refine_by_cg`), and a refit (:func:`refit_state`) as five: build
+the problem on the refit batch, set its damping, fit ``U``, measure ``ρ̂``
+and keep the result only if every part of it is finite.
 """
 
 from __future__ import annotations
