@@ -29,7 +29,8 @@ and amortisation (3 to 4), samples, solver and averaging (4 to 5).
   .. venv/bin/python -m benchmarks.decomposition --task resnet --seeds 0 1 2
   .. venv/bin/python -m benchmarks.decomposition --task autoencoder --seeds 0 1 2
 
-Writes ``decomposition_<task>.json`` and a PNG to ``--out``.
+Writes ``decomposition_<task>_lambda<λ>.json`` and a PNG to ``--out``
+(``benchmarks/results/decomposition``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from benchmarks import plotting
 from benchmarks.cli import ROOT
 from llqr_optax import fitting, structures
 
-OUT = ROOT / "benchmarks" / "out" / "decomposition"
+OUT = ROOT / "benchmarks" / "results" / "decomposition"
 ROWS = ("exact", "block", "fit", "next", "stale", "llqr", "gradient")
 
 
