@@ -81,8 +81,8 @@ def _eval(jaxpr, consts, *args):
 def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
   """``fn`` with its convolutions in XLA:CPU's canonical layout (on CPU).
 
-  Same results; elsewhere, and for a function whose program this cannot
-  re-emit, ``fn`` itself.
+  Same results; elsewhere, under ``jax.disable_jit`` (``fn`` runs eagerly,
+  once), and for a function whose program this cannot re-emit, ``fn`` itself.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -97,8 +97,8 @@ def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
   """
   @functools.wraps(fn)
   def wrapped(*args):
-    if jax.default_backend() != "cpu":
-      return fn(*args)
+    if jax.default_backend() != "cpu" or jax.config.jax_disable_jit:
+      return fn(*args)  # elsewhere, or run eagerly: nothing to compile
     try:
       closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
       outs = _eval(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
