@@ -19,7 +19,10 @@ import types
 #:   on one gradient sample (the whole refit batch: ``num_chunks=1``);
 #: - the fitted diagonal averaged into the current one with ``ema=0.95``
 #:   (the identity before the first refit), then floored at 1e-8;
-#: - no damping.
+#: - no damping;
+#: - no loss guard (``guard=None``: the authors keep every fit; a floored
+#:   diagonal always passes llqr's acceptance check before another
+#:   transform, ``−U g`` descends).
 #:
 #: The authors refit on a fresh batch of 128 examples, not the training
 #: batch: pass it as ``refit_apply_fn``/``refit_targets`` to ``update`` (the
@@ -40,4 +43,4 @@ import types
 PAPER = types.MappingProxyType(dict(
     geometry="fisher", structure="diagonal", damping=0.0, refit_every=1000,
     num_chunks=1, inner_steps=50, inner_solver="sgd", ema=0.95, floor=1e-8,
-    warmup=False))
+    warmup=False, guard=None))

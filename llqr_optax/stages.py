@@ -8,9 +8,10 @@ r"""The stages of one llqr update, each a function with one job.
     return precondition_and_guard(options, state, batch)
 
 (with ``cg_steps``, stage 4 first refines ``U(g)`` toward the exact damped
-step: :func:`refine_by_cg`), and a refit (:func:`refit_state`) as five: build
-the problem on the refit batch, set its damping, fit ``U``, measure ``ρ̂``
-and keep the result only if every part of it is finite.
+step: :func:`refine_by_cg`), and a refit (:func:`refit_state`) as six: build
+the problem on the refit batch, set its damping, fit ``U``, measure ``ρ̂``,
+keep the result only if every part of it is finite and ``U`` passes its
+check, and let the guard read the loss (:mod:`llqr_optax.safety`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llqr_optax import damping as damping_lib
 from llqr_optax import fitting
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
+from llqr_optax import safety
 from llqr_optax import schedule
 from llqr_optax import structures
 from llqr_optax._conv_layout import canonical_convolutions
@@ -59,6 +61,8 @@ class Options(NamedTuple):
   max_dim: int
   dense_max: int
   axis_name: Any
+  guard: Optional[float] = None
+  accept: str = "direction"
 
 
 class Batch(NamedTuple):
@@ -206,23 +210,25 @@ def maybe_refit(options: Options, state: LLQRState, batch: Batch,
   is not finite is skipped and counted.
   """
   grads_finite = _all_finite(batch.grads)
+  # After a guard trip refits pause until ``guard_until`` (module safety).
+  live = grads_finite & (state.count >= state.guard_until)
   do_refit = lambda s: refit_state(options, s, batch, trigger.off_schedule)
   if refit is None:
     due = (schedule.due(state.count, options.refit_every, options.warmup)
            | trigger.off_schedule)
-    state = jax.lax.cond(due & grads_finite, canonical_convolutions(do_refit),
+    state = jax.lax.cond(due & live, canonical_convolutions(do_refit),
                          lambda s: s, state)
   elif refit:
     due = jnp.asarray(True)
     refitted = do_refit(state)
-    state = jax.tree.map(lambda n, o: jnp.where(grads_finite, n, o), refitted, state)
+    state = jax.tree.map(lambda n, o: jnp.where(live, n, o), refitted, state)
   else:
     due = jnp.asarray(False)
   if refit is None or refit:
     state = state._replace(skipped_refits=state.skipped_refits
                            + (due & ~grads_finite).astype(jnp.int32))
   if options.refit_growth is not None:
-    refitted_now = due & grads_finite
+    refitted_now = due & live
     state = state._replace(
         refit_grad_norm=jnp.where(refitted_now, trigger.grad_norm.astype(jnp.float32),
                                   state.refit_grad_norm),
@@ -290,17 +296,18 @@ def fit_preconditioner(options: Options, problem: fitting.Problem,
   corrupted checkpoint) can hold NaN or Inf: the fit starts from the identity
   then, as on the first refit. A refit off the schedule, for a gradient that
   grew, restarts like the first: the curvature moved, so the old average is
-  no warm start. Without ``warmup`` the first refit, like every other, is
+  no warm start; so does the first refit after the guard stood llqr down. Without ``warmup`` the first refit, like every other, is
   averaged into the current ``U`` (the identity), as in the authors' code.
   """
   healthy = _all_finite(state.preconditioner)
   identity = structures.identity_like(state.preconditioner)
   start = jax.tree.map(lambda s, i: jnp.where(healthy, s, i),
                        state.preconditioner, identity)
+  restart = (state.guard_trips > 0) & jnp.isnan(state.refit_loss)  # after a trip
   return fitting.refit(problem, start, steps=options.inner_steps,
                        solver=options.inner_solver, ema=options.ema,
                        first=(((state.refits == 0) & options.warmup) | ~healthy
-                              | off_schedule))
+                              | off_schedule | restart))
 
 
 def measure_reduction_ratio(options: Options, batch: Batch, loss_before,
@@ -313,18 +320,22 @@ def measure_reduction_ratio(options: Options, batch: Batch, loss_before,
   return damping_lib.reduction_ratio(loss_before, loss_after, result.predicted)
 
 
-def keep_if_finite(state: LLQRState, ok: jax.Array, **new) -> LLQRState:
+def keep_if_finite(state: LLQRState, ok: jax.Array, counted: bool = True,
+                   **new) -> LLQRState:
   """Refit stage 5: the new fields where ``ok``, the old ones otherwise; the
-  refit counted as done or skipped."""
+  refit counted as done or skipped (unless ``counted=False``)."""
   keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)
   kept = {name: keep(value, getattr(state, name)) for name, value in new.items()}
+  if not counted:
+    return state._replace(**kept)
   return state._replace(**kept, refits=state.refits + ok.astype(jnp.int32),
                         skipped_refits=state.skipped_refits + (~ok).astype(jnp.int32))
 
 
 def refit_state(options: Options, state: LLQRState, batch: Batch,
                 off_schedule) -> LLQRState:
-  """One refit of the state on the batch: build, damp, fit, ``ρ̂``, keep."""
+  """One refit of the state on the batch: build, damp, fit, ``ρ̂``, keep
+  (the fit checked by :func:`~llqr_optax.safety.accept_fit`), guard."""
   key, sub, probe_key = jax.random.split(state.key, 3)
   problem, loss_before = build_refit_problem(options, batch, sub)
   kappa, lam = damping_lib.refit_damping(
@@ -339,13 +350,39 @@ def refit_state(options: Options, state: LLQRState, batch: Batch,
   new_damping = jnp.where(jnp.asarray(options.adapt_damping),
                           damping_lib.levenberg_marquardt(state.damping, ratio),
                           state.damping)
+  result, rejected, keep_old = safety.accept_fit(result, options.accept)
   scale = jnp.where(jnp.asarray(options.normalize), result.norm_ratio, 1.0)
   states = (result.states if options.floor is None
             else structures.floor(result.states, options.floor))
+  old = lambda new, prev: jax.tree.map(lambda n, p: jnp.where(keep_old, p, n), new, prev)
   state = state._replace(key=key)
-  return keep_if_finite(
-      state, ok, preconditioner=states,
+  state = keep_if_finite(
+      state, ok, preconditioner=old(states, state.preconditioner),
       damping=new_damping.astype(jnp.float32),
       objective=result.objective.astype(jnp.float32),
-      output_scale=scale.astype(jnp.float32), reduction_ratio=ratio,
-      curvature_scale=kappa.astype(jnp.float32))
+      output_scale=old(scale.astype(jnp.float32), state.output_scale),
+      reduction_ratio=ratio, curvature_scale=kappa.astype(jnp.float32),
+      rejected_refits=state.rejected_refits + rejected.astype(jnp.int32))
+  return guard_loss(options, state, problem, loss_before, ok)
+
+
+def guard_loss(options: Options, state: LLQRState, problem: fitting.Problem,
+               loss, ok) -> LLQRState:
+  """Refit stage 6: the guard (:func:`~llqr_optax.safety.guard_check`) reads
+  the refit batch's loss; where it rose past ``guard`` times its best, ``U``
+  becomes the identity at its best scale and refits pause."""
+  track = safety.LossTrack(state.refit_loss, state.best_refit_loss,
+                           state.first_refit_loss)
+  trip, new = safety.guard_check(track, loss, options.guard)
+  ok = ok & jnp.isfinite(loss)
+  state = keep_if_finite(state, ok, counted=False, **new._asdict())
+
+  def stand_down(s):
+    precond, c = safety.stand_down(problem, s.preconditioner)
+    trips = s.guard_trips + 1
+    scale = jnp.where(jnp.asarray(options.normalize), 1.0 / c, 1.0)
+    return s._replace(
+        preconditioner=precond, output_scale=scale.astype(jnp.float32),
+        guard_trips=trips, refit_loss=jnp.full((), jnp.nan, jnp.float32),
+        guard_until=safety.hold_until(s.count, trips, options.refit_every))
+  return jax.lax.cond(trip & ok, stand_down, lambda s: s, state)

@@ -65,6 +65,19 @@ class LLQRState(NamedTuple):
     refit_requested: whether a step's gradient grew past ``refit_growth ·
       refit_grad_norm`` without a refit: a two-step loop refits next
       (:func:`refit_due` reads it).
+    rejected_refits: refits whose fitted ``U`` failed the check
+      ``J(U) < 0`` on the refit's own samples; it was scaled to its best
+      scale along its direction, or, where no positive scale lowers the
+      model, the previous ``U`` was kept (:mod:`llqr_optax.safety`).
+    guard_trips: times the refit batch's loss, averaged over refits, rose
+      past ``guard`` times its best: ``U`` became the identity at its best
+      scale and refits paused (:mod:`llqr_optax.safety`).
+    guard_until: the step count before which refits pause after a trip (0
+      before any).
+    refit_loss: the refit batch's loss averaged over refits (an EMA with
+      ``β = 0.8``; ``nan`` before the first refit, and restarted by a trip).
+    best_refit_loss: the lowest ``refit_loss`` so far (``nan`` before).
+    first_refit_loss: the first refit's loss (``nan`` before).
 
   Example:
     >>> import jax.numpy as jnp, optax, llqr_optax
@@ -88,6 +101,12 @@ class LLQRState(NamedTuple):
   curvature_scale: jax.Array
   refit_grad_norm: jax.Array
   refit_requested: jax.Array
+  rejected_refits: jax.Array
+  guard_trips: jax.Array
+  guard_until: jax.Array
+  refit_loss: jax.Array
+  best_refit_loss: jax.Array
+  first_refit_loss: jax.Array
 
 
 def _precondition(state: LLQRState, tree: PyTree) -> PyTree:
@@ -129,7 +148,8 @@ def find_state(state: Any) -> LLQRState:
 
 #: The scalars of :class:`LLQRState` that :func:`diagnostics` reports.
 DIAGNOSTICS = ("count", "refits", "skipped_refits", "skipped_updates",
-               "objective", "reduction_ratio", "damping", "output_scale")
+               "objective", "reduction_ratio", "damping", "output_scale",
+               "rejected_refits", "guard_trips", "refit_loss")
 
 
 def diagnostics(state: Any, prefix: str = "") -> dict:
@@ -142,9 +162,13 @@ def diagnostics(state: Any, prefix: str = "") -> dict:
   What to look for: ``skipped_refits`` and ``skipped_updates`` stay 0 (each
   counts a refit or an update dropped because something was not finite).
   ``objective`` (``J`` of the averaged ``U`` on the last refit's batch; ``nan``
-  before the first refit) starts negative and then hovers around 0, often
-  above: the average over refits (``ema``) can overshoot on one batch's
-  model. ``reduction_ratio`` (``ρ̂``, the loss change over the quadratic
+  before the first refit) is negative: where the average over refits
+  (``ema``) overshoots on one batch's model, ``U`` is scaled back and
+  ``rejected_refits`` counts it (a few are normal; most refits rejected
+  means stale or poor fits: refit more often, or more damping).
+  ``guard_trips`` above 0 means the loss rose while llqr preconditioned and
+  llqr stood down for a while (:mod:`llqr_optax.safety`); ``refit_loss`` is
+  the loss it watches. ``reduction_ratio`` (``ρ̂``, the loss change over the quadratic
   model's, at the best-scaled step of the last refit) near or somewhat above
   1 means the model predicts the loss well; below 0 the step the model
   predicts to lower the loss raised it (more damping, or
@@ -158,8 +182,9 @@ def diagnostics(state: Any, prefix: str = "") -> dict:
 
   Returns:
     ``{prefix + name: float}`` for ``count``, ``refits``, ``skipped_refits``,
-    ``skipped_updates``, ``objective``, ``reduction_ratio``, ``damping`` and
-    ``output_scale`` (counters too are floats, so every logger takes them).
+    ``skipped_updates``, ``objective``, ``reduction_ratio``, ``damping``,
+    ``output_scale``, ``rejected_refits``, ``guard_trips`` and ``refit_loss``
+    (counters too are floats, so every logger takes them).
 
   Example:
     >>> import jax.numpy as jnp, optax, llqr_optax

@@ -19,6 +19,7 @@ import optax
 from llqr_optax import fitting
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
+from llqr_optax import safety
 from llqr_optax import schedule
 from llqr_optax import sharding as sharding_lib
 from llqr_optax import stages
@@ -31,6 +32,10 @@ from llqr_optax.state import (DIAGNOSTICS, LLQRState, diagnostics,  # noqa: F401
                               find_state, precondition)
 
 PyTree = Any
+
+#: ``guard`` by default: llqr stands down where the loss, averaged over
+#: refits, rises half as much again as its best (see :mod:`llqr_optax.safety`).
+DEFAULT_GUARD = 1.5
 
 
 def _check_options(options: stages.Options, seed) -> None:
@@ -61,10 +66,16 @@ def _check_options(options: stages.Options, seed) -> None:
           f"'ekfac' preconditioners; structure={structure!r} has none (its "
           "factors are matrices). Use floor=None, or one of those structures.")
   _check_number("ema", options.ema, low=0.0, high=1.0, fix="Try 0.9.")
+  if options.guard is not None:
+    _check_number("guard", options.guard, low=1.0,
+                  fix=f"Try {DEFAULT_GUARD}, or None to turn the guard off.")
   for name, low in (("refit_every", 1), ("inner_steps", 0), ("num_chunks", 1),
                     ("cg_steps", 0)):
     if _is_concrete(getattr(options, name)):
       _static_int(name, getattr(options, name), low)
+  if options.accept not in safety.ACCEPT:
+    raise ValueError(f"accept={options.accept!r} is unknown; choose one of "
+                     f"{['auto'] + list(safety.ACCEPT)}.")
   if options.inner_solver not in fitting.SOLVERS:
     raise ValueError(f"inner_solver={options.inner_solver!r} is unknown; choose "
                      f"one of {list(fitting.SOLVERS)}.")
@@ -94,7 +105,10 @@ def _init_state(options: stages.Options, seed, params) -> LLQRState:
       objective=f32(jnp.nan), output_scale=f32(1.0),
       reduction_ratio=f32(jnp.nan),
       curvature_scale=f32(jnp.nan if options.relative_damping else 0.0),
-      refit_grad_norm=f32(0.0), refit_requested=jnp.asarray(False))
+      refit_grad_norm=f32(0.0), refit_requested=jnp.asarray(False),
+      rejected_refits=i32(0), guard_trips=i32(0), guard_until=i32(0),
+      refit_loss=f32(jnp.nan), best_refit_loss=f32(jnp.nan),
+      first_refit_loss=f32(jnp.nan))
   # Sharded params (FSDP): the state is split like them, never replicated.
   return sharding_lib.shard_like_params(state, params)
 
@@ -117,6 +131,8 @@ def scale_by_llqr(
     floor: Optional[float] = None,
     warmup: bool = True,
     cg_steps: int = 0,
+    guard: Optional[float] = DEFAULT_GUARD,
+    accept: str = "auto",
     max_dim: int = 1024,
     dense_max: int = 4096,
     seed: int = 0,
@@ -200,7 +216,8 @@ def scale_by_llqr(
       goes stale faster than ``refit_every``). ``None`` refits on the
       schedule only. With ``refit=None`` the refit happens in the same step;
       a two-step loop refits at the next step (:func:`refit_due` reads the
-      request from the state).
+      request from the state, and :func:`compile_step` given the same
+      ``refit_growth``).
     normalize: scale the output ``U(g)`` by one scalar per refit so that it
       has the size of ``g`` (``output_scale``). The next transform sets the
       step size anyway, and a steady scale keeps Adam's moment estimates valid
@@ -223,6 +240,21 @@ def scale_by_llqr(
       (:func:`~llqr_optax.scale_by_exact_step`), at one curvature product a
       step on the refit batch (``refit_apply_fn``, e.g. a sub-batch, or the
       training batch).
+    guard: llqr stands down where the loss rises while it preconditions:
+      when the refit batch's loss, averaged over refits, exceeds ``guard``
+      times its lowest value so far, ``U`` becomes the identity at its best
+      scale (the next transform gets the gradient, as without llqr), refits
+      pause for ``refit_every · 2^(k−1)`` steps at the ``k``-th time
+      (``guard_trips``), then start from scratch. ``None`` turns it off
+      (:mod:`llqr_optax.safety`).
+    accept: what a fitted ``U`` must pass on the refit's own samples, or the
+      previous ``U`` stays (failures count in ``rejected_refits``):
+      ``"direction"``, ``−U g`` descends at some positive scale (for ``U``
+      before another transform, which sets the step's length);
+      ``"scale"``, also ``J(U) < 0`` at ``U``'s own scale, a ``U`` that
+      overshoots being scaled to its best scale instead (for ``U`` as the
+      step). ``"auto"`` is ``"direction"`` here, and ``"scale"`` in
+      :func:`llqr` with a ``learning_rate``.
     max_dim: sides above this size use diagonal factors (Kronecker) or the
       identity basis (ekfac); ``"kronecker"``/``"ekfac"`` named for a leaf
       whose two sides both exceed it is a ``ValueError``.
@@ -264,7 +296,8 @@ def scale_by_llqr(
       ema=ema, adapt_damping=adapt_damping, relative_damping=relative_damping,
       refit_growth=refit_growth, normalize=normalize, floor=floor,
       warmup=warmup, cg_steps=cg_steps, max_dim=max_dim, dense_max=dense_max,
-      axis_name=axis_name)
+      axis_name=axis_name, guard=guard,
+      accept="direction" if accept == "auto" else accept)
   _check_options(options, seed)
 
   def init_fn(params):
@@ -332,6 +365,8 @@ def llqr(
     floor: Optional[float] = None,
     warmup: bool = True,
     cg_steps: int = _Static(0),
+    guard: Optional[float] = _Static(DEFAULT_GUARD),
+    accept: str = "auto",
     max_dim: int = _Static(1024),
     dense_max: int = _Static(4096),
     seed: int = _Static(0),
@@ -360,9 +395,14 @@ def llqr(
 
   Args:
     learning_rate: ``η``, a float or an optax schedule, or ``None``.
+    accept: ``"auto"`` is ``"scale"`` with a ``learning_rate`` (``U``'s scale
+      is then the step's: a fit with ``J(U) ≥ 0`` is scaled back) and
+      ``"direction"`` without (the next transform sets the step's length);
+      see :func:`scale_by_llqr`.
     loss, geometry, structure, damping, refit_every, num_chunks, inner_steps,
       inner_solver, ema, adapt_damping, relative_damping, refit_growth,
-      normalize, floor, warmup, cg_steps, max_dim, dense_max, seed, axis_name: as for
+      normalize, floor, warmup, cg_steps, guard, max_dim, dense_max, seed,
+      axis_name: as for
       :func:`scale_by_llqr`, to which they are passed on by name.
 
   Returns:
@@ -401,7 +441,11 @@ def llqr(
       inner_steps=_unstatic(inner_steps), inner_solver=inner_solver, ema=ema,
       adapt_damping=adapt_damping, relative_damping=relative_damping,
       refit_growth=refit_growth, normalize=normalize, floor=floor,
-      warmup=warmup, cg_steps=_unstatic(cg_steps), max_dim=_unstatic(max_dim), dense_max=_unstatic(dense_max),
+      warmup=warmup, cg_steps=_unstatic(cg_steps), guard=_unstatic(guard),
+      accept=(("scale" if learning_rate is not None else "direction")
+              if accept == "auto" else accept),
+      max_dim=_unstatic(max_dim),
+      dense_max=_unstatic(dense_max),
       seed=_unstatic(seed), axis_name=axis_name)
   if learning_rate is None:
     return precond

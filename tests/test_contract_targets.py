@@ -41,7 +41,7 @@ FORMS = {
     "precondition_base(adam)": lambda: llqr_optax.precondition_base(
         optax.adam(1e-2), loss=LOSS),
     "llqr alone, learning_rate=1": lambda: llqr_optax.llqr(
-        loss=LOSS, learning_rate=1.0, refit_growth=4.0),
+        loss=LOSS, learning_rate=1.0),
 }
 STEPS = 10_000
 

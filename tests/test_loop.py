@@ -77,3 +77,34 @@ def test_the_ordinary_step_only_applies_u_and_checks_it():
              "send(", "recv("):
     assert op not in hlo, op
   assert 1 <= hlo.count(" reduce(") <= len(jax.tree.leaves(params))
+
+
+def test_compile_step_refits_the_step_after_the_gradient_grows():
+  """``refit_growth`` in a real loop: the targets jump ×10 at step 12, where
+  no refit is due (warm-up refits at 0, 1, 2, 4, 8, then every 100), so the
+  gradient grows about ×10 past 4× its value at the last refit. That step
+  records the request (``refit=False`` cannot refit) and the next one,
+  step 13, refits."""
+  tx = optax.chain(llqr_optax.llqr(loss="squared_error", refit_every=100,
+                                   refit_growth=4.0), optax.sgd(1e-2))
+
+  def growth_step(params, opt_state, x, y, refit):
+    apply_fn = lambda p: mlp(p, x)
+    grads = jax.grad(lambda p: 0.5 * jnp.mean((apply_fn(p) - y) ** 2))(params)
+    updates, opt_state = tx.update(grads, opt_state, params, apply_fn=apply_fn,
+                                   targets=y, refit=refit)
+    return optax.apply_updates(params, updates), opt_state
+
+  step = llqr_optax.compile_step(growth_step, refit_every=100, refit_growth=4.0)
+  params = init()
+  state = tx.init(params)
+  refits, requested = [], []
+  for t in range(16):
+    params, state = step(params, state, X, Y if t < 12 else 10 * Y)
+    inner = llqr_optax.find_state(state)
+    refits.append(int(inner.refits))
+    requested.append(bool(inner.refit_requested))
+  assert refits[:12] == [1, 2, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5], refits
+  assert requested[12] and refits[12] == 5  # step 12 grew: asks, cannot refit
+  assert refits[13] == 6 and not requested[13]  # step 13 refits
+  assert refits[15] == 6  # and the gradient stays large: no further request

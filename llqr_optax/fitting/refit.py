@@ -34,6 +34,9 @@ class RefitResult(NamedTuple):
     predicted: the model's change at that step, ``−½ (ḡᵀUḡ)² / (Uḡ)ᵀA(Uḡ)``.
     norm_ratio: ``(Σ_c ‖x_c‖² / Σ_c ‖U x_c‖²)^½``, the gain that gives ``U``'s
       outputs the size of its inputs on this refit's samples.
+    linear: ``−(1/n_c) Σ_c g_cᵀ U x_c``, the first-order part of
+      ``objective`` (the rest, ``objective − linear``, is the second-order
+      part): ``J(sU) = s·linear + s²·(objective − linear)``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -49,6 +52,7 @@ class RefitResult(NamedTuple):
   step: PyTree
   predicted: jax.Array
   norm_ratio: jax.Array
+  linear: jax.Array
 
 
 def _ema_fitted(old: PyTree, new: PyTree, beta) -> PyTree:
@@ -144,7 +148,8 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
   step = jax.tree.map(lambda x: -alpha * rms * x, u_bar)
   predicted = -0.5 * alpha * gu * rms ** 2
   value = value * rms ** 2
+  linear = -obj.tree_vdot(u, problem.grads) / n * rms ** 2
   uu = obj.tree_vdot(u, u)
   xx = obj.tree_vdot(problem.samples, problem.samples)
   norm_ratio = jnp.sqrt(xx / jnp.where(uu > 0, uu, 1.0))
-  return RefitResult(new, value, step, predicted, norm_ratio)
+  return RefitResult(new, value, step, predicted, norm_ratio, linear)

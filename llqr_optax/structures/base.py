@@ -14,6 +14,7 @@ from typing import Any, ClassVar, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg  # noqa: F401  (jax.scipy.linalg.cho_factor)
 from jax.sharding import PartitionSpec
 
 Array = jax.Array
@@ -268,13 +269,43 @@ class TwoSided(Structure):
     return cls.init((a.shape[0], b.shape[0]), max_dim=max_dim)
 
 
+#: The relative jitter of :func:`regularised_inverse` over a reciprocal's.
+GRAM_FACTOR = 10.0
+
+
 def regularised_inverse(m: Array, eps: float) -> Array:
-  """``(M + ε·mean(diag M)·I)⁻¹`` for a symmetric positive semidefinite ``M``;
-  the identity where ``M`` vanishes."""
+  r"""``(M + 10ε·mean(diag M)·I)⁻¹`` for a symmetric positive semidefinite
+  ``M``; the identity where ``M`` vanishes.
+
+  The Gram matrix of a few samples is ill-conditioned, and its inverse
+  amplifies the rounding of its sums (which differs with the order of the
+  reduction: sharded over devices or not) by up to its condition number,
+  about ``1/jitter``; a reciprocal (:func:`regularised_reciprocal`) does not.
+  So the relative jitter is :data:`GRAM_FACTOR` times ``ε`` (``κ ≤ 100`` at
+  the inner solver's ``ε = 10⁻³``), the inverse comes from a Cholesky
+  factorisation of the symmetrised matrix (backward stable), and it is
+  computed in float64 when JAX has it enabled (``jax_enable_x64``):
+
+  .. math::
+
+     (M + \epsilon' \bar m I)^{-1} = L^{-\top} L^{-1}, \quad
+     L L^\top = \tfrac12 (M + M^\top) + \epsilon' \bar m I, \quad
+     \epsilon' = 10 \epsilon,\ \bar m = \operatorname{mean}\operatorname{diag} M .
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> regularised_inverse(jnp.diag(jnp.array([1.0, 3.0])), 1e-3)  # +0.02 I
+    Array([[0.98039216, 0.        ],
+           [0.        , 0.33112583]], dtype=float32)
+  """
+  given, dtype = m.dtype, (jnp.float64 if jax.config.jax_enable_x64 else m.dtype)
+  m = m.astype(dtype)
   scale = jnp.mean(jnp.diagonal(m))
   scale = jnp.where(scale > 0, scale, 1.0)
-  eye = jnp.eye(m.shape[0], dtype=m.dtype)
-  return jnp.linalg.inv(m + eps * scale * eye)
+  eye = jnp.eye(m.shape[0], dtype=dtype)
+  factor = jax.scipy.linalg.cho_factor(
+      0.5 * (m + m.T) + GRAM_FACTOR * eps * scale * eye, lower=True)
+  return jax.scipy.linalg.cho_solve(factor, eye).astype(given)
 
 
 def regularised_reciprocal(h: Array, eps: float) -> Array:
