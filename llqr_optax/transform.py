@@ -350,10 +350,14 @@ def llqr(
 
   Args:
     learning_rate: ``η``, a float or an optax schedule, or ``None``.
-    loss, geometry, structure, damping, refit_every, num_chunks, inner_steps,
-      inner_solver, ema, adapt_damping, relative_damping, refit_growth,
-      normalize, floor, warmup, max_dim, dense_max, seed, axis_name: as for
-      :func:`scale_by_llqr`, to which they are passed on by name.
+    loss, geometry, structure, damping, refit_every: as for
+      :func:`scale_by_llqr`, to which it is passed on by name.
+    num_chunks, inner_steps, inner_solver, ema, adapt_damping: as for
+      :func:`scale_by_llqr`, to which it is passed on by name.
+    relative_damping, refit_growth, normalize, floor, warmup: as for
+      :func:`scale_by_llqr`, to which it is passed on by name.
+    max_dim, dense_max, seed, axis_name: as for :func:`scale_by_llqr`, to
+      which it is passed on by name.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

@@ -91,7 +91,7 @@ def _worker(out_path):
       loss = lambda q: cross_entropy(apply_fn(q), y)
       if axis_name is None:
         g = jax.grad(loss)(p)
-      else:  # the mean of the devices' local gradients (see README)
+      else:  # the mean of the devices' local gradients (see docs/devices.md)
         g = jax.lax.pmean(
             jax.grad(loss)(jax.lax.pcast(p, axis_name, to="varying")), axis_name)
       u, s = tx.update(g, s, p, apply_fn=apply_fn, targets=y)

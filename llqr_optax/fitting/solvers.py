@@ -19,6 +19,9 @@ from llqr_optax.fitting import objective as obj
 from llqr_optax.fitting.problem import Problem
 
 PyTree = Any
+#: The inner solvers ``inner_solver=`` takes: conjugate gradients, CG
+#: preconditioned by each structure's block Hessian inverse, and the
+#: authors' momentum SGD.
 SOLVERS = ("cg", "pcg", "sgd")
 
 
@@ -150,7 +153,7 @@ def sgd_block(problem: Problem, states: PyTree, k: int, steps: int, *,
      \theta \leftarrow \theta - \eta\, m ,
 
   with the gradient of each state array clipped to norm ``clip`` on its own
-  (:func:`clip_leaf_norms`), the momentum restarted at every call, and the
+  (``clip_leaf_norms``), the momentum restarted at every call, and the
   steps taken on ``J`` at the samples' own scale (:func:`~llqr_optax.fitting.refit`
   does not normalise them for this solver): the step sizes are absolute, as
   in the authors' code. There a leaf is a layer (kernel and bias together);
