@@ -50,7 +50,7 @@ nitpick_ignore_regex = [
 
 # --- MyST ---------------------------------------------------------------------
 myst_heading_anchors = 3  # [Defaults](guide.md#defaults), as on GitHub
-myst_enable_extensions = ["colon_fence"]
+myst_enable_extensions = ["colon_fence", "dollarmath", "amsmath"]  # $…$ in the notebooks
 
 # --- Notebooks (MyST-NB) --------------------------------------------------------
 nb_execution_mode = "cache"
@@ -83,3 +83,5 @@ html_theme_options = {
 }
 html_last_updated_fmt = None
 html_show_sourcelink = False
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # a wider column for the tables
