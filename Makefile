@@ -1,12 +1,12 @@
-# Two commands set up everything: `make demo` and `make test`.
-# Both create .venv with python3 if it is missing and install the package.
+# Two commands set up everything: `make demo` and `make test` (and `make docs`
+# builds the documentation site). Each creates .venv with python3 if it is missing and install the package.
 # The benchmark scripts run as modules from this folder (python -m benchmarks.X).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo notebooks bench-cost bench-long bench-peers peers-env bench-train clean
+.PHONY: test demo docs notebooks bench-cost bench-long bench-peers peers-env bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m benchmarks.demo
+
+# The documentation site (Sphinx + MyST-NB) into docs/_build/html, warnings as
+# errors and every cross-reference resolved (-n -W). The notebooks run once
+# and are cached in docs/_build/.jupyter_cache (re-run when their code
+# changes); SPHINXOPTS="-D nb_execution_mode=off" skips them. The test extra
+# holds the docs extra (the notebooks need flax, mnist1d, matplotlib).
+SPHINXOPTS ?=
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -b html -n -W --keep-going $(SPHINXOPTS) docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
 
 # Executes every notebook, with its outputs, into notebooks/out/ (git-ignored).
 notebooks: $(STAMP)
@@ -75,4 +85,4 @@ bench-train: $(STAMP)
 	$(BIN)/python -m benchmarks.results
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info docs/_build

@@ -307,7 +307,9 @@ def main(argv=None):
     extra = ""
     if "llqr" in r:
       d = r["llqr"]
-      extra = f" refits {d.get('refits', 0):.0f} skipped {d.get('skipped_refits', 0):.0f}"
+      extra = (f" refits {d.get('refits', 0):.0f} skipped {d.get('skipped_refits', 0):.0f}"
+               f" rejected {d.get('rejected_refits', 0):.0f}"
+               f" guard trips {d.get('guard_trips', 0):.0f}")
     print(f"[{(time.time() - clock) / 60:6.1f} min] {args.task} {r['row']} lr={r['lr']:.3g} "
           f"seed={r['seed']}: train {f['train_loss']:.4f} val {100 * f['val_acc']:.1f}% "
           f"test {100 * f['test_acc']:.1f}% {r['ms_per_step']:.2f} ms/step{extra}",

@@ -33,7 +33,7 @@ def _num(tree: PyTree) -> int:
 def map_samples(fn: Callable[[PyTree], PyTree], samples: PyTree) -> PyTree:
   """``jax.vmap(fn)`` over the leading sample axis of ``samples``.
 
-  On CPU a few samples (at most :data:`LOOP_MAX`) are mapped by a loop
+  On CPU a few samples (at most ``LOOP_MAX``) are mapped by a loop
   instead, which XLA:CPU runs faster (see the module's docstring), and whose
   transpose under autodiff adds the samples' contributions instead of
   reducing over a stacked axis. Elsewhere, and for many samples, ``vmap``.

@@ -1,7 +1,7 @@
 """Input checks of the transform: clear ``ValueError``s before anything compiles.
 
-Every check names the argument, the bad value and the fix (the README's
-bad-input table lists the messages; ``tests/test_bad_inputs.py`` pins them).
+Every check names the argument, the bad value and the fix (the bad-input
+table of ``docs/bad_inputs.md`` lists the messages; ``tests/test_bad_inputs.py`` pins them).
 """
 
 from __future__ import annotations

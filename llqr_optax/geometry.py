@@ -11,18 +11,18 @@ through the Jacobian ``J`` of ``apply_fn``:
 computed as one ``jax.jvp`` (the forward rollout ``δx``), the output-space
 product ``Q``, and one ``jax.vjp`` (the costate sweep). ``C`` is never formed.
 
-=====================  =========================================================
-geometry               output-space metric ``Q``
-=====================  =========================================================
-``"ggn"``              ``∇²_z ℓ(z, t)``, the Gauss-Newton matrix
-``"fisher"``           Fisher of the predictive distribution (exact)
-``"mc_fisher"``        Fisher from labels sampled from the model
+======================  ========================================================
+geometry                output-space metric ``Q``
+======================  ========================================================
+``"ggn"``               ``∇²_z ℓ(z, t)``, the Gauss-Newton matrix
+``"fisher"``            Fisher of the predictive distribution (exact)
+``"mc_fisher"``         Fisher from labels sampled from the model
 ``"empirical_fisher"``  per-event outer products of the observed gradients
-``"renyi"``            ``∇²_{z'} D_α(p_z ‖ p_{z'})`` at ``z' = z``
-``"reverse_kl"``       ``∇²_{z'} KL(p_{z'} ‖ p_z)`` at ``z' = z``
-``"newton"``           none: the full Hessian ``∇²_θ ℓ(f(θ), t)`` (``jvp`` of
-                       ``grad``)
-=====================  =========================================================
+``"renyi"``             ``∇²_{z'} D_α(p_z ‖ p_{z'})`` at ``z' = z``
+``"reverse_kl"``        ``∇²_{z'} KL(p_{z'} ‖ p_z)`` at ``z' = z``
+``"newton"``            none: the full Hessian ``∇²_θ ℓ(f(θ), t)`` (``jvp`` of
+                        ``grad``)
+======================  ========================================================
 """
 
 from __future__ import annotations
@@ -36,9 +36,13 @@ import numpy as np
 
 from llqr_optax import losses as losses_lib
 
+__all__ = ["GEOMETRIES", "Geometry", "Linearization", "check_damping",
+           "curvature_product", "get_geometry", "linearize", "output_metric"]
+
 Array = jax.Array
 PyTree = Any
 
+#: The geometry names ``geometry=`` takes (:class:`Geometry` adds options).
 GEOMETRIES = ("ggn", "fisher", "mc_fisher", "empirical_fisher", "newton",
               "renyi", "reverse_kl")
 

@@ -23,6 +23,9 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+__all__ = ["Loss", "divergence", "fisher_product", "get_loss", "sample_targets",
+           "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "squared_error"]
+
 Array = jax.Array
 
 

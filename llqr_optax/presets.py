@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import types
 
-#: The configuration of the authors' experiments (SimonDufLab/LLQR, the CIFAR
-#: and ImageNet presets of ``configs/experiment/`` run with ``divergence=ngd``,
+#: The authors' configuration, to unpack into :func:`~llqr_optax.llqr`.
+#:
+#: That of their experiments (SimonDufLab/LLQR, the CIFAR and ImageNet
+#: presets of ``configs/experiment/`` run with ``divergence=ngd``,
 #: ``ema_decay=0.95``):
 #:
 #: - the Fisher geometry (``"ngd"``) and a diagonal ``U``;

@@ -162,7 +162,8 @@ def check_inputs(options: Options, grads, state, params, *, apply_fn, targets,
   Leaves wrapped in pytree nodes (the nnx Variables of ``nnx.split``'s
   params) are unwrapped, as in ``init``: llqr works on the bare arrays, calls
   ``apply_fn`` and returns ``U(g)`` in the caller's structures. ``λ`` is the
-  ``damping`` option (``optax.inject_hyperparams`` may change it), unless
+  ``damping`` option (``optax.inject_hyperparams`` may change it), times
+  :data:`~llqr_optax.safety.TRIP_DAMPING` per guard trip, unless
   ``adapt_damping`` evolves it in the state.
   """
   _check_call(refit, apply_fn, params, refit_apply_fn)
@@ -183,7 +184,8 @@ def check_inputs(options: Options, grads, state, params, *, apply_fn, targets,
   wrapped = jax.tree.structure(params)
   model_fn = _bare_model_fn(_model_fn(refit_apply_fn, params, full_params), wrapped)
   if not options.adapt_damping:
-    state = state._replace(damping=jnp.asarray(options.damping, jnp.float32))
+    state = state._replace(damping=safety.tripped_damping(
+        jnp.asarray(options.damping, jnp.float32), state.guard_trips))
   batch = Batch(grads=_unwrapped(grads), params=_unwrapped(params),
                 model_fn=model_fn, targets=refit_targets, inputs_fn=inputs_fn,
                 out_def=jax.tree.structure(grads))
@@ -370,7 +372,8 @@ def guard_loss(options: Options, state: LLQRState, problem: fitting.Problem,
                loss, ok) -> LLQRState:
   """Refit stage 6: the guard (:func:`~llqr_optax.safety.guard_check`) reads
   the refit batch's loss; where it rose past ``guard`` times its best, ``U``
-  becomes the identity at its best scale and refits pause."""
+  becomes the identity at its best scale, refits pause, and the damping of
+  the fits after it grows by :data:`~llqr_optax.safety.TRIP_DAMPING`."""
   track = safety.LossTrack(state.refit_loss, state.best_refit_loss,
                            state.first_refit_loss)
   trip, new = safety.guard_check(track, loss, options.guard)
@@ -381,8 +384,10 @@ def guard_loss(options: Options, state: LLQRState, problem: fitting.Problem,
     precond, c = safety.stand_down(problem, s.preconditioner)
     trips = s.guard_trips + 1
     scale = jnp.where(jnp.asarray(options.normalize), 1.0 / c, 1.0)
+    damping = jnp.where(jnp.asarray(options.adapt_damping),
+                        safety.tripped_damping(s.damping, 1), s.damping)
     return s._replace(
         preconditioner=precond, output_scale=scale.astype(jnp.float32),
-        guard_trips=trips, refit_loss=jnp.full((), jnp.nan, jnp.float32),
+        guard_trips=trips, damping=damping, refit_loss=jnp.full((), jnp.nan, jnp.float32),
         guard_until=safety.hold_until(s.count, trips, options.refit_every))
   return jax.lax.cond(trip & ok, stand_down, lambda s: s, state)

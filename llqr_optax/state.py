@@ -172,7 +172,7 @@ def diagnostics(state: Any, prefix: str = "") -> dict:
   model's, at the best-scaled step of the last refit) near or somewhat above
   1 means the model predicts the loss well; below 0 the step the model
   predicts to lower the loss raised it (more damping, or
-  ``adapt_damping=True``). The README's "Logging" recipe quotes the values
+  ``adapt_damping=True``). The "Logging" recipe (``docs/recipes.md``) quotes the values
   ``make demo`` measures.
 
   Args:

@@ -399,11 +399,14 @@ def llqr(
       is then the step's: a fit with ``J(U) ≥ 0`` is scaled back) and
       ``"direction"`` without (the next transform sets the step's length);
       see :func:`scale_by_llqr`.
-    loss, geometry, structure, damping, refit_every, num_chunks, inner_steps,
-      inner_solver, ema, adapt_damping, relative_damping, refit_growth,
-      normalize, floor, warmup, cg_steps, guard, max_dim, dense_max, seed,
-      axis_name: as for
-      :func:`scale_by_llqr`, to which they are passed on by name.
+    loss, geometry, structure, damping, refit_every: as for
+      :func:`scale_by_llqr`, to which it is passed on by name.
+    num_chunks, inner_steps, inner_solver, ema, adapt_damping: as for
+      :func:`scale_by_llqr`, to which it is passed on by name.
+    relative_damping, refit_growth, normalize, floor, warmup: as for
+      :func:`scale_by_llqr`, to which it is passed on by name.
+    cg_steps, guard, max_dim, dense_max, seed, axis_name: as for
+      :func:`scale_by_llqr`, to which it is passed on by name.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

@@ -16,13 +16,13 @@ there are float32, so the float64 modules build theirs in fixtures or tests.
 Order. ``make test`` runs the suite on two pytest-xdist workers, one test
 file at a time per worker (``--dist loadfile``), handing out files in
 collection order. Starting with the slowest files (each runs a benchmark
-script, the notebooks or the README's blocks end to end) keeps one worker
+script, the notebooks or the docs' blocks end to end) keeps one worker
 from being left with a long file at the end while the other idles. Only the
 order changes; every test still runs.
 
 Compiled programs. The suite compiles the same programs many times over: in
 the benchmark scripts' runs across seeds and rates, in the subprocesses of the
-README, notebook, parallel and checkpoint tests. JAX's persistent
+docs blocks, notebook, parallel and checkpoint tests. JAX's persistent
 compilation cache (``JAX_COMPILATION_CACHE_DIR``, inherited by every
 subprocess) compiles each once per machine, in ``.pytest_cache/`` unless the
 variable is already set. An executable read from the cache is the one XLA
@@ -46,10 +46,11 @@ import pytest  # noqa: E402
 
 #: Slowest first (seconds on a 2-core CPU, 2026-12); the rest keep their order.
 SLOW_FIRST = (
-    "test_readme.py",
+    "test_doc_blocks.py",
     "test_benchmarks_training.py",
     "test_notebooks.py",
     "test_flax.py",
+    "test_docs.py",
     "test_benchmarks_quick.py",
     "test_reliability.py",
     "test_parallel.py",

@@ -1,6 +1,6 @@
 """Bad inputs: every one raises ``ValueError`` with a message that says what to do.
 
-One parametrized test, one case per row of the README's "Bad inputs" table.
+One parametrized test, one case per row of the "Bad inputs" table (docs/bad_inputs.md).
 Configuration errors raise when ``llqr(...)`` is built, params errors at
 ``tx.init``, and errors about the call (model, targets, gradient, state) when
 ``tx.update`` is traced, which ``jax.eval_shape`` does without compiling.

@@ -1,11 +1,11 @@
 """optax's contract targets, written as least squares, for every form the
-README recommends.
+docs recommend.
 
 optax's contrib contract test runs each optimizer on a parabola, Rosenbrock,
 a matrix parabola and a mixed 1-D/2-D target and asks for the optimum within
 3e-2. Here each target is a least-squares problem (outputs = residuals,
 ``loss="squared_error"``, targets 0), so llqr's curvature is its Gauss-Newton
-matrix; every form runs at llqr's defaults with the rate its README recipe
+matrix; every form runs at llqr's defaults with the rate its recipe in the docs
 uses.
 """
 
@@ -32,7 +32,7 @@ TARGETS = {
 }
 
 LOSS = "squared_error"
-#: The forms the README recommends, at the rates of its recipes.
+#: The forms the docs recommend, at the rates of their recipes.
 FORMS = {
     "chain(llqr, adam)": lambda: optax.chain(llqr_optax.llqr(loss=LOSS),
                                              optax.adam(1e-2)),

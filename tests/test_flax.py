@@ -177,7 +177,7 @@ def test_nnx_llqr_adam_lowers_the_loss():
 
 
 # ----------------------------------------------------------------------------
-# Flax nnx, with nnx.Optimizer (the README's first nnx recipe).
+# Flax nnx, with nnx.Optimizer (the first nnx loop of docs/getting_started.md).
 #
 # nnx.Optimizer stores the optimizer state as its own nnx.State and writes
 # every update back into it; llqr's per-leaf structure states (NamedTuples)
@@ -279,7 +279,7 @@ def test_linen_apply_fn_without_inputs_says_how_to_close_over_them():
 
 
 # ----------------------------------------------------------------------------
-# What a diagonal U does before Adam (README, "Structures").
+# What a diagonal U does before Adam (docs/guide.md, "Structures").
 #
 # An earlier claim test here ("llqr+Adam reaches a lower loss than Adam after
 # 1000 steps", one seed) was a coin flip: over seeds 0-4 the medians were

@@ -366,7 +366,7 @@ def test_fewer_rows_than_num_chunks_take_one_sample_per_row():
   params, d = _least_squares_run(parabola, jnp.zeros(2), 60)
   np.testing.assert_allclose(params, [1.0, -2.0], atol=1e-4)
   assert d["refits"] >= 1 and d["skipped_refits"] == d["skipped_updates"] == 0
-  # Rosenbrock (the README's recipe): a dense U refitted at every step.
+  # Rosenbrock (the recipe in docs/recipes.md): a dense U refitted at every step.
   rosenbrock = lambda p: jnp.stack([1.0 - p[0], 10.0 * (p[1] - p[0] ** 2)])
   params, d = _least_squares_run(rosenbrock, jnp.array([-1.2, 1.0]), 200,
                                  structure="dense", refit_every=1, ema=0.0)

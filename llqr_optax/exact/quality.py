@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
-from llqr_optax._conv_layout import canonical_convolutions
+from llqr_optax._conv_layout import canonical_convolutions, repeat
 from llqr_optax.exact import _checks
 
 Array = jax.Array
@@ -108,8 +108,8 @@ def cg(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, tol: Optional[float] 
 
   Runs until :math:`\lVert A x - b \rVert \le \text{tol}\, \lVert b \rVert` or
   ``max_steps`` (a ``lax.while_loop``); with ``tol=None``, exactly
-  ``max_steps`` iterations, unrolled (a training step's fixed budget: XLA:CPU
-  runs convolutions in a loop body several times slower). With ``per_leaf``,
+  ``max_steps`` iterations (a training step's fixed budget), unrolled up to
+  8 and looped beyond (:func:`llqr_optax._conv_layout.repeat`). With ``per_leaf``,
   ``A`` is taken as block diagonal over the leaves and each leaf runs its own
   CG (its own step lengths) in the same loop; the residual is then the
   largest leaf's. A direction of zero curvature (converged) leaves ``x`` as it is.
@@ -160,8 +160,7 @@ def cg(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, tol: Optional[float] 
   z = precond(r)
   carry = (x, r, z, dot(r, z), jnp.zeros((), jnp.int32))
   if tol is None:
-    for _ in range(int(max_steps)):
-      carry = body(carry)
+    carry = repeat(int(max_steps), lambda _, c: body(c), carry)
   else:
     carry = jax.lax.while_loop(going, canonical_convolutions(body), carry)
   x, r, _, _, k = carry

@@ -164,7 +164,8 @@ def cg_step(apply_fn: Callable[[PyTree], Array], params: PyTree,
   .. math::
 
      (C + \lambda I)\, \delta\theta = -g .
- CG needs ``C + λI`` symmetric positive
+
+  CG needs ``C + λI`` symmetric positive
   definite: true for every geometry but Newton when ``λ > 0``; for Newton the
   damping must exceed minus the Hessian's smallest eigenvalue. The iteration
   stops when :math:`\|(C + \lambda I) x + g\| \le \text{tol}\, \|g\|`

@@ -14,42 +14,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llqr_optax._conv_layout import canonical_convolutions
+from llqr_optax._conv_layout import repeat as _loop
 from llqr_optax.fitting import objective as obj
 from llqr_optax.fitting.problem import Problem
 
 PyTree = Any
+#: The inner solvers ``inner_solver=`` takes: conjugate gradients, CG
+#: preconditioned by each structure's block Hessian inverse, and the
+#: authors' momentum SGD.
 SOLVERS = ("cg", "pcg", "sgd")
 
 
 def _axpy(a, x, y):
   return jax.tree.map(lambda xi, yi: yi + a * xi, x, y)
-
-
-#: Inner loops of at most this many steps are unrolled; longer ones loop.
-UNROLL_MAX = 8
-
-
-def _loop(steps: int, body, carry):
-  """``body`` applied ``steps`` times: unrolled up to :data:`UNROLL_MAX` steps,
-  a ``lax.fori_loop`` beyond.
-
-  Unrolled because XLA:CPU emits the convolutions of a loop body (or of a
-  ``lax.cond`` branch) in a slower form than the same ops at the top level:
-  its pass that puts convolutions in the canonical layout of its fast kernels
-  leaves the weight-gradient convolutions inside a body as they are (measured
-  on the MNIST-1D ResNet: 20 gradient steps 0.15 s unrolled, 0.41 s in a
-  loop). Unrolling costs compile time linear in the steps (50 momentum-SGD
-  steps of the authors' solver compiled for 5 minutes on that ResNet), so
-  longer solves loop, with the body's convolutions put in XLA:CPU's fast
-  layout (:mod:`llqr_optax._conv_layout`: 0.40 s for those 20 steps), and
-  compile in seconds. A traced ``steps`` loops too.
-  """
-  if isinstance(steps, jax.core.Tracer) or int(steps) > UNROLL_MAX:
-    return jax.lax.fori_loop(0, steps, canonical_convolutions(body), carry)
-  for i in range(int(steps)):
-    carry = body(i, carry)
-  return carry
 
 
 def clip_leaf_norms(tree: PyTree, max_norm: float) -> PyTree:
@@ -150,7 +127,7 @@ def sgd_block(problem: Problem, states: PyTree, k: int, steps: int, *,
      \theta \leftarrow \theta - \eta\, m ,
 
   with the gradient of each state array clipped to norm ``clip`` on its own
-  (:func:`clip_leaf_norms`), the momentum restarted at every call, and the
+  (``clip_leaf_norms``), the momentum restarted at every call, and the
   steps taken on ``J`` at the samples' own scale (:func:`~llqr_optax.fitting.refit`
   does not normalise them for this solver): the step sizes are absolute, as
   in the authors' code. There a leaf is a layer (kernel and bias together);

@@ -1,14 +1,14 @@
 """Structured inverse preconditioners, one per parameter leaf.
 
-=============  ==============================================  ===============
+=============  ====================================================  ============
 name           ``U`` applied to a leaf ``G`` (``fan_in × fan_out``)  learned
-=============  ==============================================  ===============
-``scalar``     ``s · G``                                       ``s``
-``diagonal``   ``D ⊙ G``                                       ``D``
-``kronecker``  ``L G R``                                       ``L``, ``R``
-``ekfac``      ``Q_A [(Q_Aᵀ G Q_G) ⊙ S] Q_Gᵀ``                 ``S``
-``dense``      ``unvec(M vec(G))``                             ``M``
-=============  ==============================================  ===============
+=============  ====================================================  ============
+``scalar``     ``s · G``                                             ``s``
+``diagonal``   ``D ⊙ G``                                             ``D``
+``kronecker``  ``L G R``                                             ``L``, ``R``
+``ekfac``      ``Q_A [(Q_Aᵀ G Q_G) ⊙ S] Q_Gᵀ``                       ``S``
+``dense``      ``unvec(M vec(G))``                                   ``M``
+=============  ====================================================  ============
 
 The state of one leaf is the structure's ``NamedTuple``, so a tree of states
 alone says how to apply itself: :func:`apply` needs nothing else.

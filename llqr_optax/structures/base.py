@@ -193,7 +193,7 @@ class Structure:
       spec: the leaf's ``PartitionSpec``, padded to its rank.
 
     Returns:
-      ``cls.State`` of ``PartitionSpec``s.
+      ``cls.State`` holding one ``PartitionSpec`` per field.
     """
     del spec
     return cls.State(*(PartitionSpec() for _ in state))

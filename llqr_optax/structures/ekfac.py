@@ -124,7 +124,7 @@ class EigenKronecker(base.TwoSided):
       new = decay * cov + base.sharded_like(
           (1 - decay) * outer / jnp.maximum(jnp.trace(outer), 1e-30), cov)
       # XLA has no distributed eigendecomposition: a split covariance is
-      # gathered here, once a refit (the one gather of a factor, see README).
+      # gathered here, once a refit (the one gather of a factor, see docs/devices.md).
       basis = jnp.linalg.eigh(base.replicated(new))[1]
       return new, base.sharded_like(basis, cov)
 
