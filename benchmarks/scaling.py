@@ -179,7 +179,7 @@ def check_model(model, x, y, shapes, first, attention, structure, opts) -> Dict[
   bytes (``find_state(tx.init(params)).preconditioner``) and the FLOPs of a
   refit (XLA's count of the step with ``refit=True`` minus ``refit=False``;
   the first refit, as traced: XLA counts the rescaling branch of its
-  ``lax.cond``)."""
+  ``lax.cond`` and the guard's stand-down)."""
   import jax
   import llqr_optax
   params = model.init(jax.random.PRNGKey(0), x)
@@ -198,7 +198,7 @@ def check_model(model, x, y, shapes, first, attention, structure, opts) -> Dict[
   f, f_prime = sm.forward_flops(shapes, rows, attention=attention, first=first)
   model_flops = sm.refit_flops(names, shapes, f, f_prime, num_chunks=opts["num_chunks"],
                                inner_steps=opts["inner_steps"], first_refit=True,
-                               max_dim=opts["max_dim"])
+                               guard_branch=True, max_dim=opts["max_dim"])
   return dict(structure=structure, state_bytes=measured, predicted_state_bytes=predicted,
               xla_refit_flops=flops[True] - flops[False],
               predicted_refit_flops=model_flops["total"])
@@ -208,7 +208,8 @@ def predicted_dp(structure, shapes, outputs, opts) -> Dict[str, int]:
   """The model's data-parallel bytes for a small model (the first refit)."""
   names = resolved_names(structure, shapes, opts)
   fl = sm.refit_flops(names, shapes, 1, 1, num_chunks=opts["num_chunks"],
-                      inner_steps=opts["inner_steps"], first_refit=True)
+                      inner_steps=opts["inner_steps"], first_refit=True,
+                      guard_branch=True)
   return sm.communication(
       sum(math_prod(s) for s in shapes.values()), products=fl["products"],
       second_block=fl["second_block"],

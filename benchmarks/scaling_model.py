@@ -26,7 +26,10 @@ for two (Kronecker: a CG per block, then an evaluation), ``u_l`` the FLOPs of
 applying ``U_l`` to one leaf, ``a = 3 + 2·inner_steps`` applications per
 sample for one block and ``7 + 4·inner_steps`` for two (the fit's forward and
 pullback, the block preconditioner's statistics). The first refit also
-rescales ``U``: ``n_c`` more products and applications. Inverses and
+rescales ``U``: ``n_c`` more products and applications. The loss guard's
+stand-down (:mod:`llqr_optax.safety`) is a branch of ``n_c`` more products
+that runs on a trip only; XLA counts it in a compiled step
+(``guard_branch``). Inverses and
 eigendecompositions of the factors (``O(side³)`` a refit) are left out.
 
 **Communication** (bytes of the full arrays the collectives of a step reduce
@@ -145,7 +148,8 @@ def forward_flops(shapes: Mapping[str, Shape], tokens: int, *, attention=None,
 
 def refit_flops(names: Mapping[str, str], shapes: Mapping[str, Shape],
                 f: int, f_prime: int, *, num_chunks: int = 4, inner_steps: int = 3,
-                first_refit: bool = False, max_dim: int = 1024) -> Dict[str, int]:
+                first_refit: bool = False, guard_branch: bool = False,
+                max_dim: int = 1024) -> Dict[str, int]:
   """FLOPs of one refit, split into the model's passes and the structures'
   applications (see the module docstring), with its number of curvature
   products: ``products`` in all, of which ``second_block`` are the second
@@ -156,6 +160,8 @@ def refit_flops(names: Mapping[str, str], shapes: Mapping[str, Shape],
   apps = 7 + 4 * inner_steps if two else 3 + 2 * inner_steps
   if first_refit:
     k_products, apps = k_products + 1, apps + 1
+  if guard_branch:
+    k_products += 1
   u = sum(apply_flops(names[k], s, max_dim) for k, s in shapes.items())
   passes = 2 * f + num_chunks * (f + f_prime) + num_chunks * k_products * (2 * f + 2 * f_prime)
   return {"passes": passes, "structures": num_chunks * apps * u,

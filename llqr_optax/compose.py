@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from llqr_optax import transform
+from llqr_optax.state import LLQRState
 
 PyTree = Any
 
@@ -37,7 +38,7 @@ class PreconditionBaseState(NamedTuple):
     llqr: the :class:`~llqr_optax.LLQRState` of ``U``.
     base: the base optimizer's state.
   """
-  llqr: transform.LLQRState
+  llqr: LLQRState
   base: optax.OptState
 
 

@@ -390,4 +390,5 @@ def guard_loss(options: Options, state: LLQRState, problem: fitting.Problem,
         preconditioner=precond, output_scale=scale.astype(jnp.float32),
         guard_trips=trips, damping=damping, refit_loss=jnp.full((), jnp.nan, jnp.float32),
         guard_until=safety.hold_until(s.count, trips, options.refit_every))
-  return jax.lax.cond(trip & ok, stand_down, lambda s: s, state)
+  return jax.lax.cond(trip & ok, canonical_convolutions(stand_down), lambda s: s,
+                      state)

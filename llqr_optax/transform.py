@@ -24,12 +24,9 @@ from llqr_optax import schedule
 from llqr_optax import sharding as sharding_lib
 from llqr_optax import stages
 from llqr_optax import structures
+from llqr_optax.state import LLQRState
 from llqr_optax._validation import (_check_number, _check_params, _is_concrete,
                                     _param_shapes, _static_int, _structure_for)
-# Re-exported: the state and what reads it were defined here before.
-from llqr_optax.schedule import refit_due  # noqa: F401
-from llqr_optax.state import (DIAGNOSTICS, LLQRState, diagnostics,  # noqa: F401
-                              find_state, precondition)
 
 PyTree = Any
 
@@ -101,14 +98,12 @@ def _init_state(options: stages.Options, seed, params) -> LLQRState:
   state = LLQRState(
       count=i32(0), preconditioner=precond,
       key=jax.random.PRNGKey(seed), damping=f32(options.damping), refits=i32(0),
-      skipped_refits=i32(0), skipped_updates=i32(0),
-      objective=f32(jnp.nan), output_scale=f32(1.0),
-      reduction_ratio=f32(jnp.nan),
+      skipped_refits=i32(0), skipped_updates=i32(0), objective=f32(jnp.nan),
+      output_scale=f32(1.0), reduction_ratio=f32(jnp.nan),
       curvature_scale=f32(jnp.nan if options.relative_damping else 0.0),
       refit_grad_norm=f32(0.0), refit_requested=jnp.asarray(False),
       rejected_refits=i32(0), guard_trips=i32(0), guard_until=i32(0),
-      refit_loss=f32(jnp.nan), best_refit_loss=f32(jnp.nan),
-      first_refit_loss=f32(jnp.nan))
+      refit_loss=f32(jnp.nan), best_refit_loss=f32(jnp.nan), first_refit_loss=f32(jnp.nan))
   # Sharded params (FSDP): the state is split like them, never replicated.
   return sharding_lib.shard_like_params(state, params)
 
@@ -166,7 +161,7 @@ def scale_by_llqr(
   - ``refit=None`` (default) refits on the schedule, inside a ``lax.cond`` of
     the compiled step; a Python bool refits now (``True``) or not, with no
     conditional, for loops that compile two steps and pick one with
-    :func:`refit_due` (faster on GPUs, which sync on the conditional's
+    :func:`~llqr_optax.refit_due` (faster on GPUs, which sync on the conditional's
     predicate, and for conv nets on XLA:CPU).
 
   Args:
@@ -215,7 +210,7 @@ def scale_by_llqr(
       the curvature was low is far too long a step where it has grown (``U``
       goes stale faster than ``refit_every``). ``None`` refits on the
       schedule only. With ``refit=None`` the refit happens in the same step;
-      a two-step loop refits at the next step (:func:`refit_due` reads the
+      a two-step loop refits at the next step (:func:`~llqr_optax.refit_due` reads the
       request from the state, and :func:`compile_step` given the same
       ``refit_growth``).
     normalize: scale the output ``U(g)`` by one scalar per refit so that it
@@ -233,7 +228,7 @@ def scale_by_llqr(
       ``False``, the authors' schedule: refits at multiples of
       ``refit_every`` only, each averaged by ``ema`` into the current ``U``
       (the identity at first). Pass the same value to :func:`compile_step`
-      and :func:`refit_due`.
+      and :func:`~llqr_optax.refit_due`.
     cg_steps: refine each output by this many steps of conjugate gradients
       on ``(C + λI) x = g`` from ``x₀ = U(g)``, preconditioned by ``U``: the
       continuum from llqr's step (``0``) to the exact damped step

@@ -128,10 +128,12 @@ def test_the_guard_stands_llqr_down_where_the_loss_rises():
   assert np.isnan(float(tripped.refit_loss))  # the average restarts
   assert [int(s.refits) for s in states] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
   # the refit of step 6 starts afresh: its average is its own loss, and its
-  # U is the first refit of a new transform there (no average with s·I)
+  # U is the first refit of a new transform there (no average with s·I), at
+  # 10x the damping (safety.TRIP_DAMPING per trip)
   assert float(states[6].refit_loss) == pytest.approx(losses[6][0], rel=1e-5)
+  assert float(states[6].damping) == pytest.approx(10.0)
   fresh = llqr_optax.llqr(loss="squared_error", learning_rate=0.1,
-                          structure="diagonal", refit_every=2)
+                          structure="diagonal", refit_every=2, damping=10.0)
   p6 = run.params[6]
   grads = jax.grad(lambda p: 0.5 * jnp.mean((APPLY(X)(p) - Y) ** 2))(p6)
   _, new = fresh.update(grads, fresh.init(p6), p6, apply_fn=APPLY(X), targets=Y)

@@ -95,7 +95,8 @@ def test_refit_flops_near_xla(structure):
   f, f_prime = sm.forward_flops(shapes, x.shape[0], attention=attention, first=first)
   names = sc.resolved_names(structure, shapes, OPTS)
   predicted = sm.refit_flops(names, shapes, f, f_prime, num_chunks=OPTS["num_chunks"],
-                             inner_steps=OPTS["inner_steps"], first_refit=True)["total"]
+                             inner_steps=OPTS["inner_steps"], first_refit=True,
+                             guard_branch=True)["total"]
   assert 0.8 < (flops[True] - flops[False]) / predicted < 1.25, (flops, predicted)
 
 
