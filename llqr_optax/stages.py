@@ -299,7 +299,8 @@ def fit_preconditioner(options: Options, problem: fitting.Problem,
   then, as on the first refit. A refit off the schedule, for a gradient that
   grew, restarts like the first: the curvature moved, so the old average is
   no warm start; so does the first refit after the guard stood llqr down.
-  Without ``warmup`` the first refit, like every other, is averaged into the current ``U`` (the identity), as in the authors' code.
+  Without ``warmup`` the first refit, like every other, is averaged into the
+  current ``U`` (the identity), as in the authors' code.
   """
   healthy = _all_finite(state.preconditioner)
   identity = structures.identity_like(state.preconditioner)
