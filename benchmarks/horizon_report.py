@@ -1,7 +1,9 @@
 """Tables and plots of the long-horizon benchmark (:mod:`benchmarks.long_horizon`).
 
 For each row at its tuned rate: the final test accuracy (median over seeds and
-range), the final training loss, the steps it takes to reach the base's final
+range), the final training loss (a diverged run's counts as infinite), the
+seeds that diverged (a loss that is not finite, or a test accuracy below
+20 %), the steps it takes to reach the base's final
 training loss (per seed, against the base on the same seed: same
 initialisation, same batches), and its amortised time per step over the
 base's. Plots: test accuracy and training loss against steps and against
@@ -11,6 +13,7 @@ seconds, medians over seeds with their min-max bands.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -70,7 +73,11 @@ def summarise(runs: List[Dict[str, Any]], base: str) -> Dict[str, Dict[str, Any]
         grid=sorted({r["lr"] for r in runs if r["row"] == name and r["seed"] == 0}),
         test_acc=_med([100 * r["final"]["test_acc"] for r in rs]),
         val_acc=_med([100 * r["final"]["val_acc"] for r in rs]),
-        train_loss=_med([r["final"]["train_loss"] for r in rs]),
+        # a diverged run's loss (NaN) counts as the worst: +inf
+        train_loss=_med([r["final"]["train_loss"] if math.isfinite(r["final"]["train_loss"])
+                         else math.inf for r in rs]),
+        diverged=sum(not math.isfinite(r["final"]["train_loss"]) or r["final"]["test_acc"] < 0.2
+                     for r in rs),
         steps_to_base=_med(reach), reached=sum(x is not None for x in reach),
         time_ratio=_med(time_ratio),
         refits=_med([r.get("llqr", {}).get("refits") for r in rs]))
@@ -87,8 +94,8 @@ def _fmt(m, digits=1, pct=False):
 
 def table(summary: Dict[str, Dict[str, Any]], base: str) -> str:
   lines = ["| row | rate (grid) | test acc. % | val acc. % | final train loss | "
-           f"steps to {base}'s final loss (× its steps) | time / step × {base} |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           f"steps to {base}'s final loss (× its steps) | diverged | time / step × {base} |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for name, s in summary.items():
     grid = ", ".join(f"{x:g}" for x in s["grid"])
     reach = _fmt(s["steps_to_base"], 2)
@@ -96,7 +103,7 @@ def table(summary: Dict[str, Dict[str, Any]], base: str) -> str:
       reach += f" ({s['reached']}/{len(s['seeds'])} seeds reach it)"
     lines.append(f"| `{name}` | {s['lr']:g} ({grid}) | {_fmt(s['test_acc'])} | "
                  f"{_fmt(s['val_acc'])} | {_fmt(s['train_loss'], 4)} | {reach} | "
-                 f"{_fmt(s['time_ratio'], 2)} |")
+                 f"{s['diverged']}/{len(s['seeds'])} | {_fmt(s['time_ratio'], 2)} |")
   return "\n".join(lines)
 
 

@@ -294,7 +294,9 @@ def test_fixed_diagonal_before_adam_only_flips_signs():
   model = MLP()
   params = model.init(jax.random.PRNGKey(SEED), d["x_train"][:1])
   llqr_tx = optax.chain(
-      llqr_optax.llqr(loss="softmax_cross_entropy", structure="diagonal"),
+      # unfloored: the fitted signs are kept (floored at 1e-8, tiny entries
+      # would meet Adam's eps)
+      llqr_optax.llqr(loss="softmax_cross_entropy", structure="diagonal", floor=None),
       optax.adam(ADAM_LR, eps=1e-12))
   adam_tx = optax.adam(ADAM_LR, eps=1e-12)
 
