@@ -129,19 +129,6 @@ def lever_table(runs: List[Dict[str, Any]], base: str) -> str:
   return "\n".join(lines)
 
 
-def compact(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-  """The runs with floats rounded to 5 significant digits (for the repository)."""
-  def rnd(x):
-    if isinstance(x, float):
-      return float(f"{x:.5g}")
-    if isinstance(x, dict):
-      return {k: rnd(v) for k, v in x.items()}
-    if isinstance(x, list):
-      return [rnd(v) for v in x]
-    return x
-  return [rnd(r) for r in runs]
-
-
 def plot(task, rows: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
   plt = plotting.pyplot()
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -170,13 +157,12 @@ def plot(task, rows: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
 def report(task, runs: List[Dict[str, Any]], out: Path, base: str,
            min_seeds: int = 3) -> str:
   """Writes ``<task>.md`` (the table of rows run on at least ``min_seeds``
-  seeds, then the screen of every row on seed 0), ``<task>_summary.json``,
-  ``<task>.png`` and the compacted runs ``<task>_runs.json`` to ``out``;
-  returns the markdown."""
+  seeds, then the screen of every row on seed 0), ``<task>_summary.json``
+  and ``<task>.png`` to ``out`` (the runs' curves stay in
+  ``benchmarks/out/long_horizon``); returns the markdown."""
   out.mkdir(parents=True, exist_ok=True)
   summary = {k: v for k, v in summarise(runs, base).items() if len(v["seeds"]) >= min_seeds}
   (out / f"{task.name}_summary.json").write_text(json.dumps(summary, indent=1))
-  (out / f"{task.name}_runs.json").write_text(json.dumps(compact(runs)))
   rows = {k: v for k, v in tuned_runs(runs).items() if k in summary}
   plot(task, rows, out / f"{task.name}.png")
   text = (f"### {task.description}\n\nMedians over seeds {sorted(next(iter(summary.values()))['seeds']) if summary else []} "

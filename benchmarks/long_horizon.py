@@ -278,7 +278,7 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--out", type=Path, default=OUT)
   parser.add_argument("--report", action="store_true",
-                      help="only write the tables, plots and compacted runs to --results")
+                      help="only write the tables, summaries and plots to --results")
   parser.add_argument("--results", type=Path,
                       default=ROOT / "benchmarks" / "results" / "long_horizon")
   parser.add_argument("--lr", type=float, default=None,
