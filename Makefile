@@ -44,13 +44,13 @@ bench-cost: $(STAMP)
 	$(BIN)/python -m benchmarks.cost --candidates
 
 bench-long: $(STAMP)
-	$(BIN)/python -m benchmarks.long_run
+	$(BIN)/python -m benchmarks.demo.long_run
 
 # The peer environment: K-FAC (kfac-jax 0.0.8) and PSGD Kron (psgd-jax 0.2.9)
 # need an older stack (jax 0.8.2, optax 0.2.4, flax 0.10.7), pinned in
 # benchmarks/peers-requirements.txt and built in .venv-peers (git-ignored);
 # llqr-optax goes on top with --no-deps. Adam, llqr and the peers train in one
-# process there (benchmarks/peers.py adapts the peers to the harness), so the
+# process there (benchmarks/training/peers.py adapts the peers to the harness), so the
 # time ratios over Adam compare like with like; then RESULTS.md is written
 # from the main env. `make bench-peers QUICK=1` is a smoke test (tiny tasks,
 # one rate, one seed; a minute or two, mostly compilation) whose JSON, plots
@@ -67,7 +67,7 @@ $(PEERS_STAMP): benchmarks/peers-requirements.txt pyproject.toml
 	$(PEERS_BIN)/python -m pip install -q --upgrade pip
 	$(PEERS_BIN)/python -m pip install -q -r benchmarks/peers-requirements.txt
 	$(PEERS_BIN)/python -m pip install -q --no-deps -e .
-	$(PEERS_BIN)/python -m benchmarks.peers --check
+	$(PEERS_BIN)/python -m benchmarks.training.peers --check
 	touch $(PEERS_STAMP)
 
 peers-env: $(PEERS_STAMP)

@@ -3,7 +3,7 @@
 The scripts run as modules from the repository's root (``python -m
 benchmarks.demo``, ``python -m benchmarks.training --quick``, …) and write to
 :data:`OUT` unless ``--out`` says otherwise. Pure Python: light scripts
-(``ablation.py``, ``results.py``) import it without JAX.
+(``training/ablation.py``, ``results/render.py``) import it without JAX.
 """
 
 from __future__ import annotations

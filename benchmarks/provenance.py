@@ -16,7 +16,7 @@ def git(*args: str) -> str:
   try:
     return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
-  except Exception:  # noqa: BLE001 - not a git checkout, or no git
+  except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
     return "unknown"
 
 

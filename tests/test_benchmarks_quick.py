@@ -1,7 +1,7 @@
 """The benchmark harness end to end, at its ``--quick`` size.
 
-Runs ``benchmarks/quality.py --quick`` in-process into a temporary folder, then
-``benchmarks/results.py`` on its output, and checks what they produce: the
+Runs ``benchmarks/quality/run.py --quick`` in-process into a temporary folder, then
+``benchmarks/results/render.py`` on its output, and checks what they produce: the
 files, ρ within [0, 1] for every method, ρ = 1 for the library's own exact
 solve (a wrong curvature, gradient or ρ formula in the harness breaks it), the
 dense-product fits equal to the library's ``build_problem`` fits, and the
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import quality, results
+from benchmarks.quality import run as quality
+from benchmarks.results import render as results
 from llqr_optax import fitting, structures
 
 

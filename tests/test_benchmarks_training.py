@@ -1,9 +1,9 @@
-"""``benchmarks/training.py --quick`` end to end, and ``results.py`` on its JSON.
+"""``benchmarks/training/run.py --quick`` end to end, and ``results.py`` on its JSON.
 
 Every task with Adam, llqr before Adam, and Sophia (the runner with its own
 loss-aware path), at two rates and two seeds: the files, finite and
 decreasing losses, the rate selection, the grid's extension at an edge, and
-the Runner protocol through a stand-in ``benchmarks.peers``. Mostly
+the Runner protocol through a stand-in ``benchmarks.training.peers``. Mostly
 compilation: about two minutes on an idle 2-core CPU.
 """
 
@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import results
+from benchmarks.results import render as results
 from benchmarks import tasks as bench_tasks
-from benchmarks import training
+from benchmarks.training import optimizers
+from benchmarks.training import run as training
 
 
 def _no_x64():
@@ -102,7 +103,6 @@ def test_training_llqr_names():
 
 def test_training_peer_runner_protocol(monkeypatch, tmp_path):
   """A peers module's Runner is driven like the built-ins."""
-  import sys
   import types
 
   import optax
@@ -118,12 +118,9 @@ def test_training_peer_runner_protocol(monkeypatch, tmp_path):
 
     return training.Runner(lambda params, key: tx.init(params), step)
 
-  fake = types.ModuleType("benchmarks.peers")
-  fake.PEERS = {"fake_sgd": plain_sgd}
-  fake.LR_FAMILY = {"fake_sgd": "sgd"}
-  monkeypatch.setitem(sys.modules, "benchmarks.peers", fake)
-  import benchmarks  # `from benchmarks import peers` reads the attribute first
-  monkeypatch.setattr(benchmarks, "peers", fake, raising=False)
+  fake = types.SimpleNamespace(PEERS={"fake_sgd": plain_sgd},
+                               LR_FAMILY={"fake_sgd": "sgd"})
+  monkeypatch.setattr(optimizers, "peers_lib", fake)  # the harness's peers module
   with _no_x64():
     data = training.main(["--quick", "--tasks", "mnist1d_mlp", "--steps", "5",
                           "--seeds", "0", "--optimizers", "adam", "fake_sgd",

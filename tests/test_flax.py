@@ -284,7 +284,7 @@ def test_linen_apply_fn_without_inputs_says_how_to_close_over_them():
 # An earlier claim test here ("llqr+Adam reaches a lower loss than Adam after
 # 1000 steps", one seed) was a coin flip: over seeds 0-4 the medians were
 # 0.092 (Adam) and 0.072 (llqr+Adam) with per-seed losses 0.003-0.17 for both
-# (benchmarks/sweep.py --steps 1000). This is why: Adam's step m / sqrt(v) does
+# (benchmarks/demo/sweep.py --steps 1000). This is why: Adam's step m / sqrt(v) does
 # not change when its input is rescaled coordinate by coordinate by a fixed
 # D > 0, so between refits llqr's diagonal only flips the sign where D < 0.
 

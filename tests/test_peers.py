@@ -1,4 +1,4 @@
-"""benchmarks/peers.py in the main environment, where the peers cannot run.
+"""benchmarks/training/peers.py in the main environment, where the peers cannot run.
 
 K-FAC and PSGD Kron run only in the pinned peer environment (``make
 bench-peers``; CI has none). Here the module must still import, offer no
@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from benchmarks import peers
+from benchmarks.training import peers
 
 PACKAGES = {"kfac": "kfac_jax", "kfac_adaptive": "kfac_jax",
             "psgd_kron": "psgd_jax"}
@@ -42,7 +42,7 @@ def test_registered_loss_matches_the_tasks_mean():
 @pytest.mark.skipif(importlib.util.find_spec("kfac_jax") is not None,
                     reason="kfac-jax is installed: the peer is offered")
 def test_harness_skips_missing_peers(tmp_path):
-  from benchmarks import training
+  from benchmarks.training import run as training
 
   data = training.main(["--quick", "--tasks", "mnist1d_mlp", "--steps", "3",
                         "--seeds", "0", "--lr-mults", "1", "--optimizers",

@@ -291,7 +291,7 @@ def test_clean_poisons_are_the_plain_loss():
 
 
 def test_cost_benchmark_quick_mode_runs(tmp_path):
-  from benchmarks import cost
+  from benchmarks.cost import run as cost
 
   cost.main(["--quick", "--out", str(tmp_path)])
   report = json.loads((tmp_path / "cost.json").read_text())
@@ -305,7 +305,7 @@ def test_cost_benchmark_quick_mode_runs(tmp_path):
   assert report["refit_scaling"]
   assert report["meta"]["command"].startswith("python -m benchmarks.cost --quick")
 
-  from benchmarks import results
+  from benchmarks.results import render as results
   md = results.main(["--in", str(tmp_path), "--md", str(tmp_path / "R.md")])
   text = md.read_text()
   assert "## Cost of llqr over Adam (`cost.json`" in text

@@ -20,7 +20,7 @@ The autoencoder case of the issue (the MNIST-1D deep autoencoder, Kronecker
 thousands at rates from 1e-2 before the guard, runs in a small version (the
 quick task: 40-16-4-16-40, batch 32) in
 :func:`test_the_deep_autoencoder_does_not_diverge`;
-``python -m benchmarks.safe_sweep`` runs the full one.
+``python -m benchmarks.training.safe_sweep`` runs the full one.
 """
 
 import functools

@@ -1,4 +1,4 @@
-"""The scaling model (benchmarks/scaling_model.py) against the code it models.
+"""The scaling model (benchmarks/scaling/model.py) against the code it models.
 
 Small models, so that it cannot drift from the library: the state bytes of
 every structure exactly (``find_state(tx.init(params)).preconditioner``, and
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import llqr_optax
-from benchmarks import scaling as sc
-from benchmarks import scaling_model as sm
+from benchmarks.scaling import run as sc
+from benchmarks.scaling import model as sm
 
 OPTS = sc.llqr_defaults()
 MODELS = sc.small_models()
