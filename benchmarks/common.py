@@ -6,8 +6,8 @@ The scripts' shared options are in :mod:`benchmarks.cli`, their models in
 :mod:`benchmarks.formatting`.
 
 - :func:`demo_mlp`, :data:`BATCH`, :func:`batch_indices`: the demo's Flax MLP
-  on MNIST-1D and its shuffled epochs (``demo.py``, ``long_run.py``,
-  ``sweep.py``).
+  on MNIST-1D and its shuffled epochs (``demo/run.py``, ``demo/long_run.py``,
+  ``demo/sweep.py``).
 - :func:`cross_entropy`: the classifiers' (and the language model's) loss.
 - :func:`train_step`: one optimizer step of any model with an
   ``apply(params, x)``, llqr's or a plain optax one; :func:`make_step` and

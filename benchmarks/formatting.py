@@ -1,7 +1,7 @@
 """Text the benchmark scripts and ``RESULTS.md`` share: numbers, spreads,
 Markdown tables and links, shell commands.
 
-Pure Python (no JAX): ``results.py`` renders the JSON files with it, and the
+Pure Python (no JAX): ``results/render.py`` renders the JSON files with it, and the
 scripts print their tables with it.
 """
 

@@ -1,4 +1,4 @@
-"""Plot helpers of the benchmark scripts and ``results.py`` (matplotlib, Agg).
+"""Plot helpers of the benchmark scripts and ``results/render.py`` (matplotlib, Agg).
 
 Every figure is drawn off screen and written to a file: :func:`pyplot` gives
 matplotlib's ``pyplot`` on the Agg backend, :func:`median_band` draws a

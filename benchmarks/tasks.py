@@ -57,7 +57,7 @@ TASK_NAMES = ("mnist1d_mlp", "mnist1d_autoencoder", "mnist1d_resnet",
               "char_transformer")
 
 # Learning-rate families: every optimizer is tuned on its family's base rate
-# times the same multipliers (``training.py --lr-mults``, default 1/3, 1, 3).
+# times the same multipliers (``training/run.py --lr-mults``, default 1/3, 1, 3).
 FAMILIES = ("adam", "sgd")
 
 

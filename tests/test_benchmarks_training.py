@@ -1,4 +1,4 @@
-"""``benchmarks/training/run.py --quick`` end to end, and ``results.py`` on its JSON.
+"""``benchmarks/training/run.py --quick`` end to end, and ``results/render.py`` on its JSON.
 
 Every task with Adam, llqr before Adam, and Sophia (the runner with its own
 loss-aware path), at two rates and two seeds: the files, finite and

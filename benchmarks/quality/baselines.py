@@ -1,7 +1,7 @@
 """The quality study's measure ρ and its baselines, in float64 NumPy.
 
 ρ(U) scores a preconditioner against the exact damped step on a fresh batch
-(see ``quality.py``); the baselines are the preconditioners it is compared
+(see ``quality/run.py``); the baselines are the preconditioners it is compared
 with: 1/diag(A), block-diagonal inverses, K-FAC's Kronecker factors, the
 exact solve of the fit batches' curvature, and Adam's diagonal.
 """

@@ -41,10 +41,10 @@ in seconds (used by the tests)::
 
   .venv/bin/python -m benchmarks.quality --quick
 
-The study's parts: its models (``quality_models.py``), compiled functions
-(``quality_kit.py``), ρ and the baselines (``quality_baselines.py``), the
-trained preconditioners (``quality_trained.py``), one model's protocol
-(``quality_study.py``) and the plots (``quality_plots.py``).
+The study's parts, in this package: its models (``models.py``), compiled
+functions (``kit.py``), ρ and the baselines (``baselines.py``), the trained
+preconditioners (``trained.py``), one model's protocol (``study.py``) and the
+plots (``plots.py``).
 """
 
 from __future__ import annotations

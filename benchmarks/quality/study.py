@@ -1,6 +1,6 @@
 """One model of the quality study: train, fit, score every method.
 
-:func:`study_model` runs the protocol of ``quality.py`` on one model: a short
+:func:`study_model` runs the protocol of ``quality/run.py`` on one model: a short
 Adam training, the dense curvature of every geometry on the fit and fresh
 batches, ρ of every baseline and of llqr's fitted structures per damping, the
 check of the dense-product fits against ``fitting.build_problem``, the

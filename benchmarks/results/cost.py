@@ -9,7 +9,7 @@ from benchmarks.formatting import fmt, fmt_g, link, shell_join, table
 
 
 def cost_command(c) -> str:
-  """``cost.py``'s command line: stored in its JSON, or rebuilt from its settings."""
+  """``cost/run.py``'s command line: stored in its JSON, or rebuilt from its settings."""
   meta = c["meta"]
   if meta.get("command"):
     return meta["command"]

@@ -277,7 +277,7 @@ UNAVAILABLE: Dict[str, str] = _unavailable()
 PEERS: Dict[str, Callable[[Any, float], Runner]] = {
     k: v for k, v in _ALL_PEERS.items() if k not in UNAVAILABLE}
 
-# Learning-rate families (``training.py`` tries each at the task's base rate of
+# Learning-rate families (``run.py`` tries each at the task's base rate of
 # the family times its multipliers). Adam's grid suits both: K-FAC's fixed
 # rate on the preconditioned gradient trained best at 3e-3..1e-2 on the
 # MNIST-1D MLP (3e-2 was unstable, 0.1 reached NaN), PSGD Kron's at 3e-3.

@@ -65,10 +65,9 @@ Writes ``training_<tag>.json`` and ``training_<tag>_<task>.png`` (loss against
 steps and against wall-clock: median over seeds, band min–max, each optimizer
 at its best rate) to ``--out`` (default ``benchmarks/out``).
 
-The harness's parts: optimizer names (``training_names.py``), the Runner
-protocol and the built-ins (``training_optimizers.py``), runs
-(``training_runs.py``), the protocol (``training_protocol.py``) and the plots
-(``training_plots.py``).
+The harness's parts, in this package: optimizer names (``names.py``), the
+Runner protocol (``runner.py``), the built-ins (``optimizers.py``), runs
+(``runs.py``), the protocol (``protocol.py``) and the plots (``plots.py``).
 """
 
 from __future__ import annotations
