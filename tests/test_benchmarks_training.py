@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks.results import render as results
 from benchmarks import tasks as bench_tasks
+from benchmarks.results import render as results
 from benchmarks.training import optimizers
 from benchmarks.training import run as training
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import llqr_optax
-from benchmarks.scaling import run as sc
 from benchmarks.scaling import model as sm
+from benchmarks.scaling import run as sc
 
 OPTS = sc.llqr_defaults()
 MODELS = sc.small_models()

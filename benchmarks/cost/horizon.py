@@ -30,9 +30,9 @@ import numpy as np
 import optax
 
 import llqr_optax
-from benchmarks.horizon import tasks as horizon_tasks
-from benchmarks.horizon import run as long_horizon
 from benchmarks.cli import ROOT
+from benchmarks.horizon import run as long_horizon
+from benchmarks.horizon import tasks as horizon_tasks
 
 
 def _steps(task, name):

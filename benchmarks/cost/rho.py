@@ -24,8 +24,8 @@ import jax
 import numpy as np
 import optax
 
-from benchmarks.horizon import tasks as horizon_tasks
 from benchmarks.cli import ROOT
+from benchmarks.horizon import tasks as horizon_tasks
 from llqr_optax import exact
 
 LOSS = "softmax_cross_entropy"

@@ -43,8 +43,7 @@ import numpy as np
 import optax
 
 import llqr_optax
-from benchmarks import datasets
-from benchmarks import plotting
+from benchmarks import datasets, plotting
 from benchmarks import provenance as provenance_lib
 from benchmarks.cli import add_out
 from benchmarks.common import train_step

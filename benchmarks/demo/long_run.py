@@ -29,8 +29,7 @@ import numpy as np
 import optax
 
 import llqr_optax
-from benchmarks import datasets
-from benchmarks import plotting
+from benchmarks import datasets, plotting
 from benchmarks.cli import add_out
 from benchmarks.common import (BATCH, batch_indices, cross_entropy, demo_mlp, smooth,
                                train_step)

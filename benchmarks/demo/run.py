@@ -32,8 +32,7 @@ import numpy as np
 import optax
 
 import llqr_optax
-from benchmarks import datasets
-from benchmarks import plotting
+from benchmarks import datasets, plotting
 from benchmarks.cli import add_out, check_steps
 from benchmarks.common import (BATCH, batch_indices, demo_mlp, make_eval, make_step,
                                smooth)

@@ -63,16 +63,15 @@ import numpy as np
 import optax
 
 import llqr_optax
-from benchmarks import common
-from benchmarks import datasets
+from benchmarks import common, datasets
 from benchmarks import provenance as provenance_lib
+from benchmarks.cli import add_out
 from benchmarks.quality import baselines as quality_baselines
 from benchmarks.quality import kit as quality_kit
 from benchmarks.quality import models as quality_models
 from benchmarks.quality import plots as quality_plots
 from benchmarks.quality import study as quality_study
 from benchmarks.quality import trained as quality_trained
-from benchmarks.cli import add_out
 from benchmarks.quality.baselines import methods
 from benchmarks.quality.kit import (ALL_GEOMETRIES, ALL_STRUCTURES, CG_MAXITER, CG_TOL,
                                     LOSS, RENYI_ALPHA)

@@ -23,9 +23,9 @@ import sys
 from typing import Any, Dict, Mapping
 
 from benchmarks import provenance as provenance_lib
-from benchmarks.scaling import model as sm
 from benchmarks.cli import add_out
 from benchmarks.formatting import table
+from benchmarks.scaling import model as sm
 
 STRUCTURES = ("scalar", "diagonal", "kronecker", "ekfac", "dense", "auto")
 #: bytes per element of the HLO types the collectives move.

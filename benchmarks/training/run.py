@@ -88,8 +88,7 @@ import numpy as np
 import optax
 
 import llqr_optax
-from benchmarks import common
-from benchmarks import models
+from benchmarks import common, models
 from benchmarks import provenance as provenance_lib
 from benchmarks import tasks as tasks_lib
 from benchmarks.cli import add_out, check_steps
