@@ -18,8 +18,8 @@ from llqr_optax._validation import _check_number, _is_concrete, _static_int
 DEFAULT_FLOOR = 1e-8
 
 #: ``guard`` by default: llqr stands down where the loss, averaged over
-#: refits, rises half as much again as its best (see :mod:`llqr_optax.safety`).
-DEFAULT_GUARD = 1.5
+#: refits, rises a fifth above its best (see :mod:`llqr_optax.safety`).
+DEFAULT_GUARD = 1.2
 
 
 def resolve_floor(floor: Any, structure: Any) -> Optional[float]:

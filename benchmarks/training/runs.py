@@ -152,10 +152,11 @@ def _llqr_info(state) -> Dict[str, Any]:
     return {}
   try:
     s = sys.modules["llqr_optax"].find_state(state)
-  except Exception:  # noqa: BLE001 - no llqr in this optimizer
+  except ValueError:  # no llqr in this optimizer
     return {}
   return dict(refits=int(s.refits), skipped_refits=int(s.skipped_refits),
-              skipped_updates=int(s.skipped_updates), damping=float(s.damping))
+              skipped_updates=int(s.skipped_updates), damping=float(s.damping),
+              rejected_refits=int(s.rejected_refits), guard_trips=int(s.guard_trips))
 
 
 def add_ratios(results: List[Dict[str, Any]], reference: str = "adam") -> None:
