@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from benchmarks.cli import OUT, ROOT
 from benchmarks.formatting import table
+from benchmarks.results import continuum
 from benchmarks.results.cost import cost_section
 from benchmarks.results.demo import demo_section, sweep_section
 from benchmarks.results.gains import ablation_section, batch_section
@@ -166,6 +167,7 @@ def main(argv=None):
                            if n.startswith("training_ablation_")}, args.md, assets)
   out += batch_section({n: d for n, d in found.items()
                          if n.startswith("training_batch_")}, args.md, assets)
+  out += continuum.section()
   for n in (n for n in found if n.startswith("training_")
             and not n.startswith(("training_ablation_", "training_batch_"))):
     out += training_section(n, found[n], args.md,
