@@ -28,6 +28,23 @@ subprocess) compiles each once per machine, in ``.pytest_cache/`` unless the
 variable is already set. An executable read from the cache is the one XLA
 compiled, so no result changes; the cache key holds the program, the JAX and
 XLA versions, the flags and the devices.
+
+Compilation effort. Most of the suite's time is XLA compiling small
+programs, not running them. The suite compiles at XLA's backend optimisation
+level 0 (``--xla_backend_optimization_level=0`` added to ``XLA_FLAGS``, which
+every subprocess, notebook kernel and docs block inherits): LLVM skips its
+optimisation passes, which halves the compile time of an llqr step on the
+CPU, while the matrix products, convolutions and decompositions still run
+XLA's precompiled kernels. The subprocess tests (parallel, checkpoint)
+already ran this way. Every comparison a test makes is between programs
+compiled with the same flags. ``XLA_FLAGS`` that already name
+``xla_backend_optimization_level`` are left as they are (set
+``--xla_backend_optimization_level=2`` there to test at XLA's default level).
+
+Quick modes. ``LLQR_QUICK=1``, set here for the whole suite (and so for the
+notebook kernels), makes the notebooks run every cell on smaller problems
+(fewer steps and batches); the docs build leaves it unset and runs them in
+full.
 """
 
 from __future__ import annotations
@@ -39,25 +56,35 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+os.environ.setdefault("LLQR_QUICK", "1")
 
 import jax  # noqa: E402  (after the cache settings, which JAX reads at import)
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
-#: Slowest first (seconds on a 2-core CPU, 2026-12); the rest keep their order.
+#: Slowest first (cold-cache durations on a loaded 2-core CPU, 2026-12: the
+#: safe-training grid, the docs blocks, the notebooks and the training harness
+#: take minutes each); the rest keep their order.
 SLOW_FIRST = (
+    "test_safe_training.py",
     "test_doc_blocks.py",
-    "test_benchmarks_training.py",
     "test_notebooks.py",
+    "test_benchmarks_training.py",
+    "test_contract.py",
+    "test_quality.py",
     "test_flax.py",
+    "test_reliability.py",
     "test_docs.py",
     "test_benchmarks_quick.py",
-    "test_reliability.py",
+    "test_fsdp.py",
     "test_parallel.py",
     "test_multiprocess.py",
-    "test_fsdp.py",
     "test_checkpoint_mesh.py",
     "test_fitting.py",
+    "test_fit_options.py",
     "test_fsdp_auto.py",
 )
 

@@ -3,6 +3,12 @@
 Each notebook in ``notebooks/`` is executed with nbclient in a fresh kernel of
 this very interpreter (``ipykernel`` from the test extra; no kernel is
 registered globally). Run times are printed (``pytest -s``), never asserted.
+
+The kernels inherit ``LLQR_QUICK=1`` from ``tests/conftest.py``: each
+notebook then runs every cell on a smaller problem (fewer training steps, fit
+batches or timed calls; see the ``QUICK`` line of its first cell), so a cell
+that fails in the full run fails here too. ``make notebooks`` and the docs
+build run them in full.
 """
 
 from __future__ import annotations
