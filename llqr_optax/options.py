@@ -11,9 +11,7 @@ from llqr_optax import fitting
 from llqr_optax import safety
 from llqr_optax import stages
 from llqr_optax import structures
-from llqr_optax._validation import _check_number, _is_concrete, _static_int
-
-
+from llqr_optax import _validation as validation
 #: ``floor`` by default before another transform (the authors' value).
 DEFAULT_FLOOR = 1e-8
 
@@ -32,38 +30,37 @@ def resolve_floor(floor: Any, structure: Any) -> Optional[float]:
 def check(options: stages.Options, seed) -> None:
   """Clear errors for bad options, before anything is traced."""
   loss, geometry = options.loss, options.geometry
-  if (geometry.name in ("fisher", "mc_fisher", "renyi", "reverse_kl")
-      and loss.distribution is None):
+  if geometry.needs_distribution and loss.distribution is None:
     raise ValueError(
         f"geometry={geometry.name!r} needs the predictive distribution of "
         f"the loss, but loss={loss.name!r} has none (a user callable); use "
         "geometry='ggn', 'newton' or 'empirical_fisher', a built-in loss, or a "
         "llqr_optax.Loss with a distribution.")
-  if _is_concrete(seed) and not (isinstance(seed, (int, jnp.integer))
+  if validation.is_concrete(seed) and not (isinstance(seed, (int, jnp.integer))
                                  or (hasattr(seed, "dtype")
                                      and jnp.issubdtype(seed.dtype, jnp.integer))):
     raise ValueError(f"seed={seed!r} must be an integer.")
-  _check_number("damping", options.damping, low=0.0,
+  validation.check_number("damping", options.damping, low=0.0,
                 fix="Try 1e-3, or 0 (the authors' setting) with floor=1e-8.")
-  if options.adapt_damping and _is_concrete(options.damping) and float(options.damping) == 0:
+  if options.adapt_damping and validation.is_concrete(options.damping) and float(options.damping) == 0:
     raise ValueError("damping=0.0 with adapt_damping=True: Levenberg-Marquardt "
                      "rescales the damping and cannot move it from 0; start "
                      "from damping=1e-3, or set adapt_damping=False.")
   if options.floor is not None:
-    _check_number("floor", options.floor, low=0.0, fix="Try 1e-8, or None.")
+    validation.check_number("floor", options.floor, low=0.0, fix="Try 1e-8, or None.")
     if isinstance(structure := options.structure, str) and structure in ("kronecker", "dense"):
       raise ValueError(
           f"floor={options.floor!r} bounds the scales of 'scalar', 'diagonal' and "
           f"'ekfac' preconditioners; structure={structure!r} has none (its "
           "factors are matrices). Use floor=None, or one of those structures.")
-  _check_number("ema", options.ema, low=0.0, high=1.0, fix="Try 0.9.")
+  validation.check_number("ema", options.ema, low=0.0, high=1.0, fix="Try 0.9.")
   if options.guard is not None:
-    _check_number("guard", options.guard, low=1.0,
+    validation.check_number("guard", options.guard, low=1.0,
                   fix=f"Try {DEFAULT_GUARD}, or None to turn the guard off.")
   for name, low in (("refit_every", 1), ("inner_steps", 0), ("num_chunks", 1),
                     ("cg_steps", 0)):
-    if _is_concrete(getattr(options, name)):
-      _static_int(name, getattr(options, name), low)
+    if validation.is_concrete(getattr(options, name)):
+      validation.static_int(name, getattr(options, name), low)
   if options.accept not in safety.ACCEPT:
     raise ValueError(f"accept={options.accept!r} is unknown; choose one of "
                      f"{['auto'] + list(safety.ACCEPT)}.")

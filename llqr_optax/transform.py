@@ -24,20 +24,20 @@ from llqr_optax import sharding as sharding_lib
 from llqr_optax import stages
 from llqr_optax import structures
 from llqr_optax.state import LLQRState
-from llqr_optax._validation import (_check_params, _param_shapes, _static_int,
-                                    _structure_for)
+from llqr_optax import _nnx
+from llqr_optax import _validation as validation
 
 PyTree = Any
 
 def _init_state(options: stages.Options, seed, params) -> LLQRState:
   """Identity preconditioners and empty diagnostics."""
-  _check_params(params)
-  max_dim = _static_int("max_dim", options.max_dim, 1)
-  dense_max = _static_int("dense_max", options.dense_max, 1)
+  validation.check_params(params)
+  max_dim = validation.static_int("max_dim", options.max_dim, 1)
+  dense_max = validation.static_int("dense_max", options.dense_max, 1)
   # From the shapes: a leaf wrapped in a pytree node (an nnx Variable) gets
   # its structure state in a plain container, not inside the wrapper.
-  precond = structures.init(_param_shapes(params),
-                            _structure_for(options.structure, params),
+  precond = structures.init(_nnx.param_shapes(params),
+                            _nnx.structure_for(options.structure, params),
                             max_dim=max_dim, dense_max=dense_max)
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   i32 = lambda v: jnp.asarray(v, jnp.int32)
