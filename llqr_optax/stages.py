@@ -26,43 +26,18 @@ import optax
 from llqr_optax import damping as damping_lib
 from llqr_optax import fitting
 from llqr_optax import geometry as geometry_lib
-from llqr_optax import losses as losses_lib
 from llqr_optax import safety
 from llqr_optax import schedule
 from llqr_optax import structures
 from llqr_optax._conv_layout import canonical_convolutions
 from llqr_optax.exact import quality as exact_quality
+from llqr_optax.options import Options
 from llqr_optax import _validation as validation
 from llqr_optax import _nnx
 from llqr_optax import state as state_lib
 from llqr_optax.state import LLQRState
 
 PyTree = Any
-
-
-class Options(NamedTuple):
-  """The static options of one :func:`~llqr_optax.scale_by_llqr` (checked)."""
-  loss: losses_lib.Loss
-  geometry: geometry_lib.Geometry
-  structure: Any
-  damping: Any
-  refit_every: int
-  num_chunks: int
-  inner_steps: int
-  inner_solver: str
-  ema: Any
-  adapt_damping: bool
-  relative_damping: bool
-  refit_growth: Optional[float]
-  normalize: bool
-  floor: Optional[float]
-  warmup: bool
-  cg_steps: int
-  max_dim: int
-  dense_max: int
-  axis_name: Any
-  guard: Optional[float] = None
-  accept: str = "direction"
 
 
 class Batch(NamedTuple):
@@ -171,8 +146,8 @@ def check_inputs(options: Options, grads, state, params, *, apply_fn, targets,
       "the gradient", grads, params,
       "Pass the gradient of the loss with respect to params as the first "
       "argument of tx.update(grads, state, params, ...).")
-  state = validation.check_state(state, params, options.structure, options.max_dim,
-                       options.dense_max)
+  state = validation.check_state(state, params, options.structure,
+                                 options.max_dim, options.dense_max)
   if options.axis_name is not None:
     validation.check_axis_name(options.axis_name)
   targets = _as_targets(options, targets)
