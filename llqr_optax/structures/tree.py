@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from llqr_optax import sharding
 from llqr_optax.structures import base
-from llqr_optax.structures.base import Structure, matrix_shape  # noqa: F401
 from llqr_optax.structures.dense import Dense
 from llqr_optax.structures.diagonal import Diagonal
 from llqr_optax.structures.ekfac import EigenKronecker
