@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from llqr_optax import _validation as validation
 from llqr_optax import schedule
 from llqr_optax import state as state_lib
-from llqr_optax import _validation as validation
 class _ScheduledStep:
   """A jitted step with a static ``refit``, dispatched on llqr's schedule."""
 

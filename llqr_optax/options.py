@@ -98,12 +98,6 @@ class Static:
   def __repr__(self):
     return repr(self.value)
 
-  def __eq__(self, other):
-    return isinstance(other, Static) and other.value == self.value
-
-  def __hash__(self):
-    return hash(self.value)
-
 
 def unwrap(value):
   """The value of a :class:`Static` default, or ``value`` itself."""

@@ -52,11 +52,11 @@ from typing import Any, NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 
+from llqr_optax import sharding
 from llqr_optax import structures
 from llqr_optax.fitting import solvers
 from llqr_optax.fitting.problem import Problem
 from llqr_optax.fitting.refit import RefitResult
-from llqr_optax import sharding
 
 PyTree = Any
 

@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from llqr_optax import state as state_lib
-from llqr_optax import _validation as validation
 from llqr_optax import _nnx
+from llqr_optax import _validation as validation
+from llqr_optax import state as state_lib
 #: The refit period of :func:`~llqr_optax.scale_by_llqr` by default.
 DEFAULT_REFIT_EVERY = 200
 

@@ -23,18 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llqr_optax import _nnx
+from llqr_optax import _validation as validation
 from llqr_optax import damping as damping_lib
 from llqr_optax import fitting
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import safety
 from llqr_optax import schedule
+from llqr_optax import state as state_lib
 from llqr_optax import structures
 from llqr_optax._conv_layout import canonical_convolutions
 from llqr_optax.exact import quality as exact_quality
 from llqr_optax.options import Options
-from llqr_optax import _validation as validation
-from llqr_optax import _nnx
-from llqr_optax import state as state_lib
 from llqr_optax.state import LLQRState
 
 PyTree = Any

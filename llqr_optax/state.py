@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from llqr_optax import structures
 from llqr_optax import _nnx
+from llqr_optax import structures
 PyTree = Any
 
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llqr_optax import _nnx
+from llqr_optax import _validation as validation
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
 from llqr_optax import options as options_lib
@@ -24,8 +26,6 @@ from llqr_optax import sharding as sharding_lib
 from llqr_optax import stages
 from llqr_optax import structures
 from llqr_optax.state import LLQRState
-from llqr_optax import _nnx
-from llqr_optax import _validation as validation
 
 PyTree = Any
 
