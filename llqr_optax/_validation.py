@@ -7,21 +7,21 @@ table of ``docs/bad_inputs.md`` lists the messages; ``tests/test_bad_inputs.py``
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from llqr_optax import _nnx
 from llqr_optax import structures
+from llqr_optax.state import LLQRState
 
 
-def _is_concrete(x) -> bool:
+def is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _static_int(name: str, value, minimum: int) -> int:
-  if not _is_concrete(value):
+def static_int(name: str, value, minimum: int) -> int:
+  if not is_concrete(value):
     raise ValueError(
         f"{name} must be a Python int, not a traced value. Under "
         f"optax.inject_hyperparams pass static_args=({name!r},).")
@@ -33,8 +33,8 @@ def _static_int(name: str, value, minimum: int) -> int:
   return ivalue
 
 
-def _check_number(name, value, *, low, high=None, open_low=False, fix=""):
-  if not _is_concrete(value) or jnp.ndim(value) != 0:
+def check_number(name, value, *, low, high=None, open_low=False, fix=""):
+  if not is_concrete(value) or jnp.ndim(value) != 0:
     return
   try:
     if isinstance(value, (str, bytes)):
@@ -49,11 +49,11 @@ def _check_number(name, value, *, low, high=None, open_low=False, fix=""):
     raise ValueError(f"{name}={value!r} is invalid: it must be finite and {span}. {fix}")
 
 
-def _where(path) -> str:
+def leaf_name(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def _check_like_params(what, tree, params, fix):
+def check_like_params(what, tree, params, fix):
   """``tree`` must have the pytree structure and leaf shapes of ``params``."""
   t_def, p_def = jax.tree.structure(tree), jax.tree.structure(params)
   if t_def != p_def:
@@ -64,65 +64,15 @@ def _check_like_params(what, tree, params, fix):
                           jax.tree.leaves(params)):
     if jnp.shape(t) != jnp.shape(p):
       raise ValueError(
-          f"{what} leaf {_where(path)} has shape {tuple(jnp.shape(t))}, params "
+          f"{what} leaf {leaf_name(path)} has shape {tuple(jnp.shape(t))}, params "
           f"has {tuple(jnp.shape(p))}. {fix}")
     dtype = t.dtype if hasattr(t, "dtype") else jnp.asarray(t).dtype
     if what == "the gradient" and not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-          f"{what} leaf {_where(path)} has dtype {dtype}, not a float. {fix}")
+          f"{what} leaf {leaf_name(path)} has dtype {dtype}, not a float. {fix}")
 
 
-def _is_wrapper(x) -> bool:
-  """An array-like pytree node holding one array: a ``flax.nnx.Variable``."""
-  return (hasattr(x, "shape") and hasattr(x, "dtype")
-          and not isinstance(x, (jax.Array, np.ndarray))
-          and len(jax.tree.leaves(x)) == 1)
-
-
-def _unwrapped(tree):
-  """``tree`` with every wrapper node (:func:`_is_wrapper`) replaced by its array.
-
-  ``nnx.split(model, nnx.Param)`` and ``nnx.state(model)`` (what
-  ``nnx.Optimizer`` passes to ``tx.init``) hold each array in an ``nnx``
-  Variable. llqr works on the bare arrays: its structure states then sit in
-  plain containers, never inside a Variable, and keep their types when
-  ``nnx.Optimizer`` stores the state and writes it back. The leaves keep their
-  order, so ``jax.tree.unflatten(jax.tree.structure(tree), leaves)`` wraps
-  them again.
-  """
-  return jax.tree.map(lambda x: jax.tree.leaves(x)[0], tree, is_leaf=_is_wrapper)
-
-
-def _scalar(x) -> Any:
-  """The one array of a scalar field, unwrapped from any pytree node around
-  it (``nnx.Optimizer`` keeps each array in an ``nnx`` Variable)."""
-  leaves = jax.tree.leaves(x)
-  return leaves[0] if len(leaves) == 1 else x
-
-
-def _structure_for(structure, params):
-  """``structure`` for the unwrapped params (:func:`_unwrapped`).
-
-  A pytree of names made from wrapped params (``jax.tree.map(lambda x:
-  "kronecker", params)`` over ``nnx.split``'s params puts each name in an
-  ``nnx`` Variable) is given the structure of the unwrapped params; names and
-  callables are returned as they are.
-  """
-  if isinstance(structure, str) or callable(structure):
-    return structure
-  bare = jax.tree.structure(_unwrapped(params))
-  if jax.tree.structure(structure) == jax.tree.structure(params) != bare:
-    return jax.tree.unflatten(bare, jax.tree.leaves(structure))
-  return structure
-
-
-def _param_shapes(params):
-  """``params`` (unwrapped) as float32 ``ShapeDtypeStruct``s, one per leaf."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32),
-                      _unwrapped(params))
-
-
-def _check_state(state, params, structure, max_dim, dense_max, state_type):
+def check_state(state, params, structure, max_dim, dense_max):
   """The preconditioner in ``state`` must be the one this configuration makes.
 
   A state restored from a checkpoint of another model or another
@@ -141,17 +91,17 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
   fix = ("The state was made for other params or another structure/max_dim/"
          "dense_max: call tx.init(params) again, or restore the checkpoint "
          "into tx.init(params) of the same configuration.")
-  if not isinstance(state, state_type):
+  if not isinstance(state, LLQRState):
     raise ValueError(f"state is a {type(state).__name__}, not the LLQRState of "
                      f"tx.init(params). {fix}")
   typed = jax.tree.leaves(state.preconditioner, is_leaf=structures.is_state)
   if not all(structures.is_state(s) for s in typed):
-    restored = structures.restore_types(state.preconditioner, _unwrapped(params))
+    restored = structures.restore_types(state.preconditioner, _nnx.unwrapped(params))
     if restored is not None:
       state = state._replace(preconditioner=restored)
-  static = _is_concrete(max_dim) and _is_concrete(dense_max)
-  shapes_of = _param_shapes(params)
-  structure = _structure_for(structure, params)
+  static = is_concrete(max_dim) and is_concrete(dense_max)
+  shapes_of = _nnx.param_shapes(params)
+  structure = _nnx.structure_for(structure, params)
   if static:
     expected = jax.eval_shape(lambda p: structures.init(
         p, structure, max_dim=int(max_dim), dense_max=int(dense_max)), shapes_of)
@@ -164,15 +114,15 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
       expected, is_leaf=lambda x: structures.is_state(x) or isinstance(x, type))
   if [p for p, _ in got] != [p for p, _ in want]:
     raise ValueError(
-        f"the llqr state's preconditioner has leaves {[_where(p) for p, _ in got]} "
-        f"but params has {[_where(p) for p, _ in want]}. {fix}")
+        f"the llqr state's preconditioner has leaves {[leaf_name(p) for p, _ in got]} "
+        f"but params has {[leaf_name(p) for p, _ in want]}. {fix}")
   shapes = lambda s: [tuple(jnp.shape(x)) for x in s]
   for (path, g), (_, w) in zip(got, want):
     w_type = w if isinstance(w, type) else type(w)
     if type(g) is not w_type or (static and shapes(g) != shapes(w)):
       made = f"{w_type.__name__}{shapes(w)}" if static else w_type.__name__
       raise ValueError(
-          f"the llqr state's preconditioner for leaf {_where(path)} is "
+          f"the llqr state's preconditioner for leaf {leaf_name(path)} is "
           f"{type(g).__name__}{shapes(g)}, but this configuration makes "
           f"{made}. {fix}")
   if not static:
@@ -184,7 +134,7 @@ def _check_state(state, params, structure, max_dim, dense_max, state_type):
   return state
 
 
-def _check_axis_name(axis_name):
+def check_axis_name(axis_name):
   try:
     jax.lax.psum(1, axis_name)
   except NameError:
@@ -195,7 +145,7 @@ def _check_axis_name(axis_name):
         "program already sees the whole batch.") from None
 
 
-def _check_params(params):
+def check_params(params):
   def check(path, x):
     dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
     where = jax.tree_util.keystr(path) or "<root>"

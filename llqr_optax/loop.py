@@ -16,11 +16,9 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from llqr_optax import _validation as validation
 from llqr_optax import schedule
 from llqr_optax import state as state_lib
-from llqr_optax._validation import _static_int
-
-
 class _ScheduledStep:
   """A jitted step with a static ``refit``, dispatched on llqr's schedule."""
 
@@ -126,6 +124,6 @@ def compile_step(step_fn: Callable, *, refit_every: int = schedule.DEFAULT_REFIT
     >>> int(llqr_optax.find_state(opt_state).refits), step.count  # at 0, 1, 2, 4
     (4, 5)
   """
-  refit_every = _static_int("refit_every", refit_every, 1)
+  refit_every = validation.static_int("refit_every", refit_every, 1)
   return _ScheduledStep(step_fn, refit_every, bool(warmup), state_argnum, jit_kwargs,
                         reads_request=refit_growth is not None)

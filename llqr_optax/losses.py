@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Loss", "divergence", "fisher_product", "get_loss", "sample_targets",
+__all__ = ["Loss", "fisher_product", "get_loss", "log_probs", "sample_targets",
            "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "squared_error"]
 
 Array = jax.Array
@@ -290,36 +290,20 @@ def _no_distribution(loss, what):
       "'newton' or 'empirical_fisher', or a built-in loss.")
 
 
-def _categorical_logp(outputs):
-  return jax.nn.log_softmax(outputs, axis=-1)
+def log_probs(loss: Loss, outputs: Array, what: str = "this") -> Array:
+  """Log-probabilities of the categorical view of the predictive distribution.
 
+  Categorical: ``log_softmax`` over the last axis; Bernoulli: one two-class
+  categorical per element, with logits ``[0, z]``. ``what`` names the caller
+  in the error a loss without such a distribution raises.
 
-def _bernoulli_as_categorical(outputs):
-  # One Bernoulli per element, as a two-class categorical with logits [0, z].
-  return jnp.stack([jnp.zeros_like(outputs), outputs], axis=-1)
-
-
-def divergence(loss: Loss, kind: str, alpha: float, p_out: Array,
-               q_out: Array) -> Array:
-  """``D(p ‖ q)`` between predictive distributions, averaged over events.
-
-  ``kind`` is ``"renyi"`` (order ``alpha``) or ``"reverse_kl"``, where ``p`` is
-  the distribution at the current parameters and ``q`` the perturbed one, so
-  reverse KL is ``KL(q ‖ p)``.
+  Example:
+    >>> import jax.numpy as jnp
+    >>> log_probs(sigmoid_binary_cross_entropy(), jnp.zeros(2)).shape
+    (2, 2)
   """
-  n = loss.num_events(p_out)
-  if loss.distribution == "gaussian":
-    sq = jnp.sum(jnp.square(p_out - q_out))
-    scale = alpha if kind == "renyi" else 1.0
-    return 0.5 * scale * sq / n
   if loss.distribution == "bernoulli":
-    p_out, q_out = _bernoulli_as_categorical(p_out), _bernoulli_as_categorical(q_out)
+    outputs = jnp.stack([jnp.zeros_like(outputs), outputs], axis=-1)
   elif loss.distribution != "categorical":
-    raise _no_distribution(loss, f"geometry={kind!r}")
-  logp, logq = _categorical_logp(p_out), _categorical_logp(q_out)
-  if kind == "renyi":
-    per_event = jax.nn.logsumexp(alpha * logp + (1 - alpha) * logq, axis=-1)
-    return jnp.sum(per_event) / ((alpha - 1.0) * n)
-  if kind == "reverse_kl":
-    return jnp.sum(jnp.exp(logq) * (logq - logp)) / n
-  raise ValueError(f"unknown divergence kind={kind!r}")
+    raise _no_distribution(loss, what)
+  return jax.nn.log_softmax(outputs, axis=-1)

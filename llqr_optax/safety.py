@@ -59,11 +59,11 @@ from typing import Any, NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 
+from llqr_optax import sharding
 from llqr_optax import structures
 from llqr_optax.fitting import solvers
 from llqr_optax.fitting.problem import Problem
 from llqr_optax.fitting.refit import RefitResult
-from llqr_optax.structures import base as structures_base
 
 PyTree = Any
 
@@ -206,7 +206,7 @@ def stand_down(problem: Problem, preconditioner: PyTree) -> Tuple[PyTree, jax.Ar
   so the step ``−s g`` lowers the quadratic model, like any accepted ``U``.
   It costs ``n_c`` curvature products; the guard calls it when it trips only.
   """
-  identity = jax.tree.map(structures_base.sharded_like,
+  identity = jax.tree.map(sharding.sharded_like,
                           structures.identity_like(preconditioner), preconditioner)
   s = solvers.best_scale(problem, identity)
   return structures.map_states(lambda cls, st: cls.scale(st, s), identity), s

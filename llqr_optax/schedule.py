@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from llqr_optax import _nnx
+from llqr_optax import _validation as validation
 from llqr_optax import state as state_lib
-from llqr_optax._validation import _is_concrete, _scalar, _static_int
-
 #: The refit period of :func:`~llqr_optax.scale_by_llqr` by default.
 DEFAULT_REFIT_EVERY = 200
 
@@ -78,15 +78,15 @@ def refit_due(state_or_step: Any, refit_every: int = DEFAULT_REFIT_EVERY, *,
   if not isinstance(step, (int, float, np.integer, np.floating, jax.Array,
                            np.ndarray)) and not hasattr(step, "ndim"):
     found = state_lib.find_state(step)
-    step = _scalar(found.count)
-    requested = _scalar(found.refit_requested)
-  if not _is_concrete(step):
+    step = _nnx.scalar(found.count)
+    requested = _nnx.scalar(found.refit_requested)
+  if not validation.is_concrete(step):
     raise ValueError(
         "refit_due runs on the host, between compiled steps, to pick one; it "
         "got a traced value. Call it outside jax.jit, or inside a compiled "
         "step leave refit=None: update then follows the schedule itself.")
   requested = bool(np.asarray(requested))
-  step = _static_int("step", np.asarray(step).item() if hasattr(step, "ndim")
+  step = validation.static_int("step", np.asarray(step).item() if hasattr(step, "ndim")
                      else step, 0)
-  refit_every = _static_int("refit_every", refit_every, 1)
+  refit_every = validation.static_int("refit_every", refit_every, 1)
   return requested or bool(due(np.int64(step), np.int64(refit_every), bool(warmup)))

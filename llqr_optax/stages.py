@@ -23,46 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llqr_optax import _nnx
+from llqr_optax import _validation as validation
 from llqr_optax import damping as damping_lib
 from llqr_optax import fitting
 from llqr_optax import geometry as geometry_lib
-from llqr_optax import losses as losses_lib
 from llqr_optax import safety
 from llqr_optax import schedule
+from llqr_optax import state as state_lib
 from llqr_optax import structures
 from llqr_optax._conv_layout import canonical_convolutions
 from llqr_optax.exact import quality as exact_quality
-from llqr_optax._validation import (_check_axis_name, _check_like_params,
-                                    _check_params, _check_state, _static_int,
-                                    _unwrapped)
-from llqr_optax.state import LLQRState, _precondition
+from llqr_optax.options import Options
+from llqr_optax.state import LLQRState
 
 PyTree = Any
-
-
-class Options(NamedTuple):
-  """The static options of one :func:`~llqr_optax.scale_by_llqr` (checked)."""
-  loss: losses_lib.Loss
-  geometry: geometry_lib.Geometry
-  structure: Any
-  damping: Any
-  refit_every: int
-  num_chunks: int
-  inner_steps: int
-  inner_solver: str
-  ema: Any
-  adapt_damping: bool
-  relative_damping: bool
-  refit_growth: Optional[float]
-  normalize: bool
-  floor: Optional[float]
-  warmup: bool
-  cg_steps: int
-  max_dim: int
-  dense_max: int
-  axis_name: Any
-  guard: Optional[float] = None
-  accept: str = "direction"
 
 
 class Batch(NamedTuple):
@@ -137,7 +112,7 @@ def _check_call(refit, apply_fn, params, refit_apply_fn):
   if params is None:
     raise ValueError("params=None: llqr needs the current params: "
                      "tx.update(grads, state, params, apply_fn=..., ...).")
-  _check_params(params)
+  validation.check_params(params)
   if refit_apply_fn is not None and not callable(refit_apply_fn):
     raise ValueError(
         f"refit_apply_fn={refit_apply_fn!r} must be a callable "
@@ -167,16 +142,16 @@ def check_inputs(options: Options, grads, state, params, *, apply_fn, targets,
   ``adapt_damping`` evolves it in the state.
   """
   _check_call(refit, apply_fn, params, refit_apply_fn)
-  _check_like_params(
+  validation.check_like_params(
       "the gradient", grads, params,
       "Pass the gradient of the loss with respect to params as the first "
       "argument of tx.update(grads, state, params, ...).")
-  state = _check_state(state, params, options.structure, options.max_dim,
-                       options.dense_max, LLQRState)
+  state = validation.check_state(state, params, options.structure,
+                                 options.max_dim, options.dense_max)
   if options.axis_name is not None:
-    _check_axis_name(options.axis_name)
+    validation.check_axis_name(options.axis_name)
   targets = _as_targets(options, targets)
-  _static_int("num_chunks", options.num_chunks, 1)
+  validation.static_int("num_chunks", options.num_chunks, 1)
   if refit_apply_fn is None:
     refit_apply_fn, refit_targets = apply_fn, targets
   else:
@@ -186,7 +161,7 @@ def check_inputs(options: Options, grads, state, params, *, apply_fn, targets,
   if not options.adapt_damping:
     state = state._replace(damping=safety.tripped_damping(
         jnp.asarray(options.damping, jnp.float32), state.guard_trips))
-  batch = Batch(grads=_unwrapped(grads), params=_unwrapped(params),
+  batch = Batch(grads=_nnx.unwrapped(grads), params=_nnx.unwrapped(params),
                 model_fn=model_fn, targets=refit_targets, inputs_fn=inputs_fn,
                 out_def=jax.tree.structure(grads))
   return batch, state
@@ -255,7 +230,7 @@ def refine_by_cg(options: Options, state: LLQRState, batch: Batch, u: PyTree) ->
   like = lambda tree: jax.tree.map(lambda x, p: x.astype(p.dtype), tree, batch.params)
   return exact_quality.cg(matvec, like(batch.grads), tol=None,
                           max_steps=options.cg_steps, x0=like(u),
-                          preconditioner=lambda r: like(_precondition(state, r))).step
+                          preconditioner=lambda r: like(state_lib.scaled_apply(state, r))).step
 
 
 def precondition_and_guard(options: Options, state: LLQRState, batch: Batch):
@@ -265,7 +240,7 @@ def precondition_and_guard(options: Options, state: LLQRState, batch: Batch):
   Every structure is linear, so NaN or Inf in ``g`` propagates to ``U(g)``
   (``0 · Inf = NaN``): checking ``U(g)`` alone covers both, one pass fewer.
   """
-  out = _precondition(state, batch.grads)
+  out = state_lib.scaled_apply(state, batch.grads)
   if options.cg_steps:
     refined = refine_by_cg(options, state, batch, out)
     out = jax.tree.map(lambda r, u: r.astype(u.dtype), refined, out)
@@ -283,7 +258,7 @@ def build_refit_problem(options: Options, batch: Batch, key: jax.Array):
   problem, _, loss = fitting.build_problem(
       batch.model_fn, batch.params, batch.targets, loss=options.loss,
       geometry=options.geometry, damping=0.0,
-      num_chunks=_static_int("num_chunks", options.num_chunks, 1), key=key,
+      num_chunks=validation.static_int("num_chunks", options.num_chunks, 1), key=key,
       axis_name=options.axis_name)
   if batch.inputs_fn is not None:
     problem = problem._replace(inputs=_to_f32(batch.inputs_fn(problem.grads)))

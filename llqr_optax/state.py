@@ -12,9 +12,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from llqr_optax import _nnx
 from llqr_optax import structures
-from llqr_optax._validation import _scalar, _unwrapped
-
 PyTree = Any
 
 
@@ -109,7 +108,9 @@ class LLQRState(NamedTuple):
   first_refit_loss: jax.Array
 
 
-def _precondition(state: LLQRState, tree: PyTree) -> PyTree:
+def scaled_apply(state: LLQRState, tree: PyTree) -> PyTree:
+  """``c · U(tree)`` for an :class:`LLQRState` and a tree of bare arrays
+  (:func:`precondition` finds the state and unwraps the tree first)."""
   out = structures.apply(state.preconditioner, tree)
   return jax.tree.map(lambda u: (state.output_scale * u).astype(u.dtype), out)
 
@@ -196,7 +197,7 @@ def diagnostics(state: Any, prefix: str = "") -> dict:
     ['llqr/count', 'llqr/refits', 'llqr/skipped_refits']
   """
   found = find_state(state)
-  values = jax.device_get([_scalar(getattr(found, name)) for name in DIAGNOSTICS])
+  values = jax.device_get([_nnx.scalar(getattr(found, name)) for name in DIAGNOSTICS])
   return {prefix + name: float(np.asarray(v)) for name, v in zip(DIAGNOSTICS, values)}
 
 
@@ -225,5 +226,5 @@ def precondition(state: Any, tree: PyTree) -> PyTree:
     >>> llqr_optax.precondition(state, {"w": jnp.ones(3)})["w"]
     Array([1., 1., 1.], dtype=float32)
   """
-  bare = _precondition(find_state(state), _unwrapped(tree))
+  bare = scaled_apply(find_state(state), _nnx.unwrapped(tree))
   return jax.tree.unflatten(jax.tree.structure(tree), jax.tree.leaves(bare))

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llqr_optax import _nnx
+from llqr_optax import _validation as validation
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
 from llqr_optax import options as options_lib
@@ -24,26 +26,24 @@ from llqr_optax import sharding as sharding_lib
 from llqr_optax import stages
 from llqr_optax import structures
 from llqr_optax.state import LLQRState
-from llqr_optax._validation import (_check_params, _param_shapes, _static_int,
-                                    _structure_for)
 
 PyTree = Any
 
-def _init_state(options: stages.Options, seed, params) -> LLQRState:
+def _init_state(options: options_lib.Options, params) -> LLQRState:
   """Identity preconditioners and empty diagnostics."""
-  _check_params(params)
-  max_dim = _static_int("max_dim", options.max_dim, 1)
-  dense_max = _static_int("dense_max", options.dense_max, 1)
+  validation.check_params(params)
+  max_dim = validation.static_int("max_dim", options.max_dim, 1)
+  dense_max = validation.static_int("dense_max", options.dense_max, 1)
   # From the shapes: a leaf wrapped in a pytree node (an nnx Variable) gets
   # its structure state in a plain container, not inside the wrapper.
-  precond = structures.init(_param_shapes(params),
-                            _structure_for(options.structure, params),
+  precond = structures.init(_nnx.param_shapes(params),
+                            _nnx.structure_for(options.structure, params),
                             max_dim=max_dim, dense_max=dense_max)
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   i32 = lambda v: jnp.asarray(v, jnp.int32)
   state = LLQRState(
       count=i32(0), preconditioner=precond,
-      key=jax.random.PRNGKey(seed), damping=f32(options.damping), refits=i32(0),
+      key=jax.random.PRNGKey(options.seed), damping=f32(options.damping), refits=i32(0),
       skipped_refits=i32(0), skipped_updates=i32(0), objective=f32(jnp.nan),
       output_scale=f32(1.0), reduction_ratio=f32(jnp.nan),
       curvature_scale=f32(jnp.nan if options.relative_damping else 0.0),
@@ -172,7 +172,7 @@ def scale_by_llqr(
       without a ``learning_rate``, and ``None`` with one: a fitted diagonal
       with negative entries before SGD-momentum diverged on 1 of 5 seeds of
       the MNIST-1D CNN at its tuned rate, floored on none
-      (``benchmarks/long_horizon.py``).
+      (``benchmarks/horizon/run.py``).
     warmup: refit also at steps 1, 2, 4, … below ``refit_every``, the first
       refit from scratch (rescaled by its best scalar, not averaged). With
       ``False``, the authors' schedule: refits at multiples of
@@ -234,20 +234,10 @@ def scale_by_llqr(
     Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
     for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
-  options = stages.Options(
-      loss=losses_lib.get_loss(loss), geometry=geometry_lib.get_geometry(geometry),
-      structure=structure, damping=damping, refit_every=refit_every,
-      num_chunks=num_chunks, inner_steps=inner_steps, inner_solver=inner_solver,
-      ema=ema, adapt_damping=adapt_damping, relative_damping=relative_damping,
-      refit_growth=refit_growth, normalize=normalize,
-      floor=options_lib.resolve_floor(floor, structure),
-      warmup=warmup, cg_steps=cg_steps, max_dim=max_dim, dense_max=dense_max,
-      axis_name=axis_name, guard=guard,
-      accept="direction" if accept == "auto" else accept)
-  options_lib.check(options, seed)
+  options = options_lib.resolve(options_lib.from_arguments(locals()))
 
   def init_fn(params):
-    return _init_state(options, seed, params)
+    return _init_state(options, params)
 
   def update_fn(updates, state, params=None, *, apply_fn: Optional[Callable] = None,
                 targets: Any = None, full_params: Any = None,
@@ -268,30 +258,6 @@ def scale_by_llqr(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-class _Static:
-  """A default that ``optax.inject_hyperparams`` keeps static.
-
-  ``inject_hyperparams`` binds the factory's signature, fills in its
-  defaults, and turns every int or float among them into a traced
-  hyperparameter, unless named in ``static_args``. llqr's integer options
-  (``num_chunks``, ``inner_steps``, …) shape the compiled program, so their
-  defaults in :func:`llqr`'s signature are wrapped in this (not an int to
-  optax; its repr is the value), and :func:`llqr` unwraps them. Floats
-  (``damping``, ``ema``, ``learning_rate``) stay schedulable.
-  """
-  __slots__ = ("value",)
-
-  def __init__(self, value):
-    self.value = value
-
-  def __repr__(self):
-    return repr(self.value)
-
-
-def _unstatic(value):
-  return value.value if isinstance(value, _Static) else value
-
-
 def llqr(
     *,
     loss: losses_lib.LossLike,
@@ -299,9 +265,9 @@ def llqr(
     geometry: geometry_lib.GeometryLike = "ggn",
     structure: structures.StructureSpec = "auto",
     damping: float = 1.0,
-    refit_every: int = _Static(schedule.DEFAULT_REFIT_EVERY),
-    num_chunks: int = _Static(4),
-    inner_steps: int = _Static(3),
+    refit_every: int = options_lib.Static(schedule.DEFAULT_REFIT_EVERY),
+    num_chunks: int = options_lib.Static(4),
+    inner_steps: int = options_lib.Static(3),
     inner_solver: str = "pcg",
     ema: float = 0.9,
     adapt_damping: bool = False,
@@ -310,12 +276,12 @@ def llqr(
     normalize: bool = False,
     floor: Any = "auto",
     warmup: bool = True,
-    cg_steps: int = _Static(0),
-    guard: Optional[float] = _Static(options_lib.DEFAULT_GUARD),
+    cg_steps: int = options_lib.Static(0),
+    guard: Optional[float] = options_lib.Static(options_lib.DEFAULT_GUARD),
     accept: str = "auto",
-    max_dim: int = _Static(1024),
-    dense_max: int = _Static(4096),
-    seed: int = _Static(0),
+    max_dim: int = options_lib.Static(1024),
+    dense_max: int = options_lib.Static(4096),
+    seed: int = options_lib.Static(0),
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LLQR preconditioning, optionally followed by a learning rate.
@@ -384,19 +350,12 @@ def llqr(
     Dufort-Labbé, Bacon, Pascanu, Lacoste-Julien and Baratin, *Layerwise LQR
     for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026).
   """
-  precond = scale_by_llqr(
-      loss=loss, geometry=geometry, structure=structure, damping=damping,
-      refit_every=_unstatic(refit_every), num_chunks=_unstatic(num_chunks),
-      inner_steps=_unstatic(inner_steps), inner_solver=inner_solver, ema=ema,
-      adapt_damping=adapt_damping, relative_damping=relative_damping,
-      refit_growth=refit_growth, normalize=normalize,
-      floor=None if floor == "auto" and learning_rate is not None else floor,
-      warmup=warmup, cg_steps=_unstatic(cg_steps), guard=_unstatic(guard),
-      accept=(("scale" if learning_rate is not None else "direction")
-              if accept == "auto" else accept),
-      max_dim=_unstatic(max_dim),
-      dense_max=_unstatic(dense_max),
-      seed=_unstatic(seed), axis_name=axis_name)
+  options = options_lib.from_arguments(locals())
+  if learning_rate is not None:  # the "auto" values with a learning rate
+    options = options._replace(
+        floor=None if options.floor == "auto" else options.floor,
+        accept="scale" if options.accept == "auto" else options.accept)
+  precond = scale_by_llqr(**options._asdict())
   if learning_rate is None:
     return precond
   return optax.chain(precond, optax.scale_by_learning_rate(learning_rate))

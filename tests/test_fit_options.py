@@ -3,7 +3,7 @@
 - a :class:`~llqr_optax.fitting.Problem` whose ``U`` acts on other inputs
   than the gradients (``inputs``, used by ``precondition_base``);
 - Hutchinson's ``tr(C)/P`` (``curvature_scale``) and ``relative_damping``;
-- each structure's ``fit_preconditioner`` against the dense Hessian of ``J``
+- each structure's ``pcg_preconditioner`` against the dense Hessian of ``J``
   in its block, and the preconditioned inner CG (``inner_solver="pcg"``);
 - ``precondition_base``: ``U`` around another optimizer's update.
 """
@@ -94,7 +94,7 @@ def test_curvature_scale_is_unbiased():
 
 
 @pytest.mark.parametrize("name", STRUCTURES)
-def test_fit_preconditioner_inverts_the_block_hessian_for_identity_curvature(name):
+def test_pcg_preconditioner_inverts_the_block_hessian_for_identity_curvature(name):
   """With A = I, ∂²J/∂θ_k² depends on the samples only; the structure's
   preconditioner is its inverse (tiny regularisation)."""
   k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
@@ -111,7 +111,7 @@ def test_fit_preconditioner_inverts_the_block_hessian_for_identity_curvature(nam
     block = obj.split_block(states, k)
     v = jax.tree.map(lambda b: jax.random.normal(k3, b.shape, b.dtype), block)
     hv = obj.block_hvp(problem, states, k, v)
-    parts = [structures.structure_of(s).fit_preconditioner(s, k, xs, 1e-10)
+    parts = [structures.structure_of(s).pcg_preconditioner(s, k, xs, 1e-10)
              if k < len(structures.structure_of(s).blocks) else (lambda b: b)
              for s, xs in zip(treedef.flatten_up_to(states),
                               treedef.flatten_up_to(problem.samples))]

@@ -207,3 +207,67 @@ def test_kept_results_fit_their_budget():
            if f.is_file() and "__pycache__" not in f.parts]
   size = sum(f.stat().st_size for f in files)
   assert size <= RESULTS_BUDGET_BYTES, f"benchmarks/results holds {size} bytes"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def private_imports(files) -> list:
+  """``from X import _name`` and ``X._name`` across the package's modules.
+
+  ``files`` maps module names to sources. A private *module* (``_nnx``)
+  imported for its public names is fine; a private name of another module is
+  not, whether imported or read as an attribute of an imported module.
+  """
+  found = []
+  for mod, source in sorted(files.items()):
+    tree = ast.parse(source)
+    is_package = mod in {m.rpartition(".")[0] for m in files}
+    package = mod if is_package else mod.rpartition(".")[0]
+    modules = {}  # local name -> module of the package
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+          parts = package.split(".")
+          base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+        for alias in node.names:
+          if f"{base}.{alias.name}" in files:
+            modules[alias.asname or alias.name] = f"{base}.{alias.name}"
+          elif (base in files and base != mod and alias.name.startswith("_")
+                and not alias.name.startswith("__")):
+            found.append(f"{mod}:{node.lineno} from {base} import {alias.name}")
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.name in files:
+            modules[alias.asname or alias.name.split(".")[0]] = (
+                alias.name if alias.asname else alias.name.split(".")[0])
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+          and not node.attr.startswith("__")):
+        chain, value = [], node.value
+        while isinstance(value, ast.Attribute):
+          chain.append(value.attr)
+          value = value.value
+        if isinstance(value, ast.Name) and value.id in modules:
+          target = ".".join([modules[value.id]] + chain[::-1])
+          if target in files and target != mod:
+            found.append(f"{mod}:{node.lineno} {target}.{node.attr}")
+  return found
+
+
+def test_private_imports_finds_both_forms():
+  files = {"pkg": "", "pkg.a": "_x = 1\ny = 2\n",
+           "pkg.b": "from pkg.a import _x, y\nfrom pkg import a\nz = a._x + a.y\n",
+           "pkg.c": "from . import a\nfrom .a import _x\n",
+           "pkg._m": "def f(): pass\n", "pkg.d": "from pkg import _m\n_m.f()\n"}
+  assert private_imports(files) == ["pkg.b:1 from pkg.a import _x", "pkg.b:3 pkg.a._x",
+                                    "pkg.c:2 from pkg.a import _x"]
+
+
+def test_no_private_names_across_modules():
+  files = {_module_name(f): f.read_text() for f in _library_files()}
+  found = private_imports(files)
+  assert not found, f"private names used across modules: {found}"

@@ -30,7 +30,7 @@ def test_map_samples_equals_vmap(num):
                                         num_chunks=4)
   samples = jax.tree.map(
       lambda p: jax.random.normal(jax.random.PRNGKey(1), (num,) + p.shape), params)
-  got = jax.jit(lambda s: fitting.map_samples(problem.matvec, s))(samples)
+  got = jax.jit(lambda s: _samples.map_samples(problem.matvec, s))(samples)
   want = jax.jit(jax.vmap(problem.matvec))(samples)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.shape == w.shape

@@ -21,7 +21,7 @@ Array = jax.Array
 PyTree = Any
 Intermediate = Optional[Mapping[int, Union[float, Array]]]
 
-def _check_intermediate(intermediate: Intermediate,
+def check_intermediate(intermediate: Intermediate,
                        sizes: Sequence[int]) -> Dict[int, Union[float, Array]]:
   """Validates an intermediate-layer metric against the state sizes.
 
@@ -111,7 +111,7 @@ def intermediate_curvature(model, params_list: Sequence[PyTree], inputs: Array,
   model.check_params(params_list)
   params_list = list(params_list)
   shapes = jax.eval_shape(model.activations, params_list, inputs)
-  metric = _check_intermediate(intermediate, [0] + [s.size for s in shapes[1:]])
+  metric = check_intermediate(intermediate, [0] + [s.size for s in shapes[1:]])
   keys = sorted(metric)
 
   def states(ps):

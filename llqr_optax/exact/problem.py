@@ -23,7 +23,7 @@ from llqr_optax.exact import layers as layers_lib
 Array = jax.Array
 PyTree = Any
 
-from llqr_optax.exact.intermediate import Intermediate, _check_intermediate
+from llqr_optax.exact.intermediate import Intermediate, check_intermediate
 
 
 class LQRProblem(NamedTuple):
@@ -78,7 +78,8 @@ class LQRProblem(NamedTuple):
   damping: Union[float, Array]
 
 
-def _sym(m: Array) -> Array:
+def sym(m: Array) -> Array:
+  """The symmetric part ``½ (M + Mᵀ)`` of a square matrix."""
   return 0.5 * (m + m.T)
 
 
@@ -92,7 +93,7 @@ def _jacobian(fn, argnums, n_in: int, n_out: int):
 def _materialise(linear_fn: Callable[[Array], Array], size: int, dtype) -> Array:
   """The dense symmetric matrix of a symmetric linear map on flat vectors."""
   columns = jax.vmap(linear_fn)(jnp.eye(size, dtype=dtype))
-  return _sym(columns.T)
+  return sym(columns.T)
 
 
 def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
@@ -105,7 +106,8 @@ def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
 
   Dynamics ``A_i = ∂f_i/∂x``, ``B_i = ∂f_i/∂θ_i`` over the flattened batch
   state; terminal cost ``Q_N`` the geometry's output metric, linear term
-  ``a = ∇_{x_N} ℓ``. For ``"newton"`` the stage costs are the Hessians of the
+  ``a = ∇_{x_N} ℓ``. For ``"newton"`` (a geometry with ``second_order``) the
+  stage costs are the Hessians of the
   layer Hamiltonians :math:`H_i = p_{i+1}^\top f_i(x_i, \theta_i)`, with
   costates :math:`p_N = a`, :math:`p_i = A_i^\top p_{i+1}`:
 
@@ -153,12 +155,12 @@ def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
   model = layers_lib.as_sequential(model)
   model.check_params(params_list)
   geometry_lib.check_damping(damping)
-  is_newton = geometry_lib.get_geometry(geometry).name == "newton"
+  second_order = geometry_lib.get_geometry(geometry).second_order
   losses_lib.get_loss(loss)  # early errors on unknown names
   params_list = list(params_list)
   shapes = jax.eval_shape(model.activations, params_list, inputs)
   sizes = tuple([0] + [s.size for s in shapes[1:]])
-  metric = _check_intermediate(intermediate, sizes)
+  metric = check_intermediate(intermediate, sizes)
   flat = [ravel_pytree(p) for p in params_list]
   counts = tuple(t.size for t, _ in flat)
   dtype = jnp.dtype(shapes[-1].dtype)
@@ -166,7 +168,7 @@ def lqr_problem(model, params_list: Sequence[PyTree], inputs: Array,
   A, B, outputs = _cached(_dynamics, model)(params_list, inputs)
   Q_N, a = _cached(_terminal, loss, geometry)(outputs, targets, key)
   stage = None
-  if is_newton:
+  if second_order:
     stage = _cached(_newton_stage, model)(params_list, inputs, A, a)
   Q, M, R = _stage_costs(sizes[:-1], counts, dtype, stage, metric, damping)
   return LQRProblem(A, B, Q, M, R, Q_N, a, tuple(u for _, u in flat), damping)
@@ -241,12 +243,12 @@ def _newton_stage(model, params_list, inputs, A, a):
     if i == 0:
       Q[0] = jnp.zeros((0, 0))
       M[0] = jnp.zeros((theta.size, 0))
-      R[0] = _sym(jax.hessian(lambda th: costate @ fn(th))(theta))
+      R[0] = sym(jax.hessian(lambda th: costate @ fn(th))(theta))
     else:
       hamiltonian = lambda x, th, p=costate, fn=fn: p @ fn(x, th)
       (hxx, _), (htx, htt) = jax.hessian(hamiltonian, argnums=(0, 1))(
           xs[i].reshape(-1), theta)
-      Q[i], M[i], R[i] = _sym(hxx), htx, _sym(htt)
+      Q[i], M[i], R[i] = sym(hxx), htx, sym(htt)
       costate = A[i].T @ costate
   return Q, M, R
 

@@ -44,7 +44,7 @@ Array = jax.Array
 PyTree = Any
 
 from llqr_optax.exact.intermediate import Intermediate
-from llqr_optax.exact.problem import LQRProblem, _sym, lqr_problem
+from llqr_optax.exact.problem import LQRProblem, sym, lqr_problem
 
 
 def riccati_step(problem: LQRProblem, *, allow_singular: bool = False) -> List[PyTree]:
@@ -116,13 +116,13 @@ def _riccati_recursion(A, B, Q, M, R, Q_N, a) -> List[Array]:
   gains = [None] * num
   for i in reversed(range(num)):
     KB = K @ B[i]
-    S = _sym(R[i] + B[i].T @ KB)
+    S = sym(R[i] + B[i].T @ KB)
     L = M[i] + KB.T @ A[i]
     rhs = jnp.concatenate([L, (B[i].T @ lam)[:, None]], axis=1)
     sol = jnp.linalg.solve(S, rhs) if S.shape[0] else rhs
     feedback, feedforward = sol[:, :-1], sol[:, -1]
     gains[i] = (feedback, feedforward)
-    K = _sym(Q[i] + A[i].T @ K @ A[i] - L.T @ feedback)
+    K = sym(Q[i] + A[i].T @ K @ A[i] - L.T @ feedback)
     lam = A[i].T @ lam - L.T @ feedforward
 
   dx = jnp.zeros((0,), a.dtype)

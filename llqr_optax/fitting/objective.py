@@ -69,7 +69,7 @@ def block_preconditioner(problem: Problem, states: PyTree, k: int,
                          eps: float = 1e-3):
   """An approximate inverse Hessian of ``J`` in block ``k``, leaf by leaf.
 
-  Each structure's :meth:`~llqr_optax.structures.Structure.fit_preconditioner`
+  Each structure's :meth:`~llqr_optax.structures.Structure.pcg_preconditioner`
   inverts the Hessian of its block for ``A ≈ I``, which depends on the
   samples' second moments only (regularised by ``eps`` relative to its mean
   diagonal): the inner CG then sees a problem whose conditioning comes from
@@ -82,7 +82,7 @@ def block_preconditioner(problem: Problem, states: PyTree, k: int,
   treedef = jax.tree.structure(states, is_leaf=structures.is_state)
   leaf_states = treedef.flatten_up_to(states)
   leaf_samples = treedef.flatten_up_to(problem.samples)
-  fns = [structures.structure_of(s).fit_preconditioner(s, k, x, eps)
+  fns = [structures.structure_of(s).pcg_preconditioner(s, k, x, eps)
          if k < len(structures.structure_of(s).blocks) else (lambda b: b)
          for s, x in zip(leaf_states, leaf_samples)]
 

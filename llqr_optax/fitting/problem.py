@@ -17,8 +17,8 @@ import numpy as np
 
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
+from llqr_optax import sharding
 from llqr_optax._samples import map_samples
-from llqr_optax.structures import base as structures_base
 
 PyTree = Any
 
@@ -123,16 +123,6 @@ def _slice_chunk(tree, c, size):
       lambda t: jax.lax.dynamic_slice_in_dim(t, c * size, size, axis=0), tree)
 
 
-def _explicitly_sharded(tree) -> bool:
-  """Whether some array's type carries a split over an explicit mesh axis."""
-  typeof = getattr(jax, "typeof", None)
-  if typeof is None:
-    return False
-  specs = [getattr(getattr(typeof(x), "sharding", None), "spec", None)
-           for x in jax.tree.leaves(tree)]
-  return any(spec and any(e is not None for e in spec) for spec in specs)
-
-
 def _chunk_cotangents(loss_fn, outputs, targets, num_chunks: int, size: int):
   r"""``∂ℓ(z_{B_c}, t_{B_c}) / ∂z`` for every chunk ``c``, each shaped like
   the outputs (zero outside the chunk's rows), stacked on a leading axis.
@@ -146,16 +136,16 @@ def _chunk_cotangents(loss_fn, outputs, targets, num_chunks: int, size: int):
   replicated copy.
   """
   rows = outputs.shape[0]
-  if num_chunks * size == rows and not _explicitly_sharded((outputs, targets)):
+  if num_chunks * size == rows and not sharding.explicitly_sharded((outputs, targets)):
     split = lambda t: t.reshape((num_chunks, size) + t.shape[1:])
     chunk_ct = jax.vmap(jax.grad(loss_fn))(split(outputs), jax.tree.map(split, targets))
     eye = jnp.eye(num_chunks, dtype=chunk_ct.dtype).reshape(
         (num_chunks, num_chunks) + (1,) * (chunk_ct.ndim - 1))
     return (eye * chunk_ct[None]).reshape((num_chunks,) + outputs.shape)
-  chunk_targets = structures_base.replicated(targets)
+  chunk_targets = sharding.replicated(targets)
 
   def chunk_cotangent(c):
-    chunk_loss = lambda z: loss_fn(_slice_chunk(structures_base.replicated(z), c, size),
+    chunk_loss = lambda z: loss_fn(_slice_chunk(sharding.replicated(z), c, size),
                                    _slice_chunk(chunk_targets, c, size))
     return jax.grad(chunk_loss)(outputs)
 
@@ -164,34 +154,6 @@ def _chunk_cotangents(loss_fn, outputs, targets, num_chunks: int, size: int):
 
 def _to_f32(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-
-def _axes(axis_name) -> tuple:
-  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-
-def _per_device(tree: PyTree, axis_name) -> PyTree:
-  """Marks values replicated over ``axis_name`` as varying across it.
-
-  Inside ``shard_map`` with its varying-axes check (``check_vma=True``, the
-  default), autodiff with respect to a value replicated over the axis sums the
-  cotangents over it (a ``psum`` is the transpose of a broadcast), so ``vjp``
-  would return the *sum* of the devices' products and the ``pmean`` that
-  follows would not divide it. Linearising at per-device (varying) params
-  keeps every product local; the explicit ``pmean`` then averages. Without
-  the check (``check_vma=False``, ``pmap``) products are local anyway.
-  """
-  pcast = getattr(jax.lax, "pcast", None)
-  typeof = getattr(jax, "typeof", None)
-  if pcast is None or typeof is None:  # older JAX: no varying-axes types
-    return tree
-  axes = _axes(axis_name)
-
-  def leaf(x):
-    vma = getattr(typeof(x), "vma", frozenset())
-    missing = tuple(a for a in axes if a not in vma)
-    return pcast(x, missing, to="varying") if missing else x
-  return jax.tree.map(leaf, tree)
 
 
 def chunks_for(num_chunks: int, batch: int) -> int:
@@ -287,15 +249,15 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
   """
   loss = losses_lib.get_loss(loss)
   if axis_name is not None:
-    # Local products, averaged explicitly below (see _per_device); sampled
+    # Local products, averaged explicitly below (see sharding.per_device); sampled
     # geometries draw independent labels on every device.
-    params = _per_device(params, axis_name)
+    params = sharding.per_device(params, axis_name)
     if key is not None:
-      for a in _axes(axis_name):
+      for a in sharding.mapped_axes(axis_name):
         key = jax.random.fold_in(key, jax.lax.axis_index(a))
-  lin = geometry_lib._linearize(apply_fn, params, targets, loss=loss,
-                                geometry=geometry, key=key,
-                                check_outputs=_check_batch_outputs)
+  lin = geometry_lib.linearize(apply_fn, params, targets, loss=loss,
+                               geometry=geometry, key=key,
+                               check_outputs=_check_batch_outputs)
   outputs = lin.outputs
   if loss.check is not None and targets is not None:
     loss.check(outputs, targets)
@@ -317,7 +279,7 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
     grads = jax.lax.pmean(grads, axis_name)
     local_curvature = curvature
     curvature = lambda v: jax.lax.pmean(
-        local_curvature(_per_device(v, axis_name)), axis_name)
+        local_curvature(sharding.per_device(v, axis_name)), axis_name)
 
   def matvec(v):
     return jax.tree.map(lambda cv, x: cv + damping * x, curvature(v), v)

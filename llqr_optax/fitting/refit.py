@@ -64,7 +64,7 @@ def _ema_fitted(old: PyTree, new: PyTree, beta) -> PyTree:
   return jax.tree.map(leaf, old, new, is_leaf=structures.is_state)
 
 
-def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
+def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "pcg",
           ema: Any = 0.9, first: Any = False) -> RefitResult:
   r"""Refits the structured preconditioners on one problem.
 
@@ -79,8 +79,9 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "cg",
     problem: gradient samples and the damped curvature product.
     states: the current per-leaf states.
     steps: inner steps per block.
-    solver: ``"cg"``, ``"pcg"`` (preconditioned by each structure's block
-      Hessian inverse) or ``"sgd"``.
+    solver: ``"pcg"`` (preconditioned by each structure's block Hessian
+      inverse; the default, as for ``inner_solver`` of
+      :func:`~llqr_optax.scale_by_llqr`), ``"cg"`` or ``"sgd"``.
     ema: ``β``.
     first: whether this is the first refit (a traced bool is fine).
 

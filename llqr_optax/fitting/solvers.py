@@ -182,7 +182,7 @@ def best_scale(problem: Problem, states: PyTree) -> jax.Array:
 
 
 def fit(problem: Problem, states: PyTree, *, steps: int,
-        solver: str = "cg") -> PyTree:
+        solver: str = "pcg") -> PyTree:
   r"""Minimises ``J`` block by block (one pass over the blocks), warm-started.
 
   For structures with several blocks (Kronecker: ``L`` then ``R``) this is one
@@ -197,8 +197,9 @@ def fit(problem: Problem, states: PyTree, *, steps: int,
     problem: the gradient samples and ``v -> A v``.
     states: per-leaf structure states (the warm start).
     steps: solver steps per block.
-    solver: ``"cg"``, ``"pcg"`` (preconditioned by each structure's block
-      Hessian inverse) or ``"sgd"``.
+    solver: ``"pcg"`` (preconditioned by each structure's block Hessian
+      inverse; the default, as for ``inner_solver`` of
+      :func:`~llqr_optax.scale_by_llqr`), ``"cg"`` or ``"sgd"``.
 
   Returns:
     The fitted states.

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401  (jax.scipy.linalg.cho_factor)
 from jax.sharding import PartitionSpec
 
+from llqr_optax import sharding
+
 Array = jax.Array
 
 
@@ -54,7 +56,7 @@ class Structure:
   Subclasses set ``name``, ``State`` (a NamedTuple of float32 arrays) and
   ``blocks``, and implement :meth:`init` and :meth:`apply`; they may override
   the rules :meth:`resolve` (fallbacks, size caps), :meth:`identity_like`,
-  :meth:`memory`, :meth:`update_statistics` and :meth:`fit_preconditioner`.
+  :meth:`memory`, :meth:`update_statistics` and :meth:`pcg_preconditioner`.
   Adding a structure is a module with its class and a line in
   :data:`~llqr_optax.structures.STRUCTURES`.
 
@@ -120,7 +122,7 @@ class Structure:
     return state._replace(**{f: getattr(state, f) * s for f in cls.blocks[0]})
 
   @classmethod
-  def fit_preconditioner(cls, state: NamedTuple, k: int, samples: Array,
+  def pcg_preconditioner(cls, state: NamedTuple, k: int, samples: Array,
                          eps: float) -> Any:
     """An approximate inverse of ``∂²J/∂θ_k²``, to precondition the inner CG.
 
@@ -197,40 +199,6 @@ class Structure:
     """
     del spec
     return cls.State(*(PartitionSpec() for _ in state))
-
-
-def side_axes(spec: PartitionSpec, ndim: int) -> Tuple[Any, Any]:
-  """The mesh axes splitting the rows and the columns of a leaf's matrix.
-
-  The leaf of rank ``ndim`` split as ``spec`` is seen as its ``(fan_in,
-  fan_out)`` matrix (:func:`matrix_shape`). Its rows are split in contiguous
-  blocks when the leaf is split on its first axis only among the fan-in
-  axes (a kernel's rows, a conv kernel's height): then the fan-in side is
-  split like them. A split of a later fan-in axis interleaves the rows, so
-  that side is not split. The columns are split like the last axis.
-
-  Args:
-    spec: the leaf's ``PartitionSpec``.
-    ndim: the leaf's rank.
-
-  Returns:
-    ``(rows, columns)``: a mesh axis name (or tuple of names) or ``None``.
-
-  Example:
-    >>> from jax.sharding import PartitionSpec as P
-    >>> side_axes(P("model"), 2), side_axes(P(None, None, "x", "y"), 4)
-    (('model', None), (None, 'y'))
-  """
-  entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
-  if ndim <= 1:
-    return (entries[0] if entries else None), None
-  rows = entries[0] if all(e is None for e in entries[1:-1]) else None
-  return rows, entries[-1]
-
-
-def factor_spec(axis: Any, factor: Any) -> PartitionSpec:
-  """A factor's rows split over ``axis`` (a vector factor: its entries)."""
-  return PartitionSpec(axis) if len(jnp.shape(factor)) == 1 else PartitionSpec(axis, None)
 
 
 class TwoSided(Structure):
@@ -322,56 +290,11 @@ def side_matrix(dim: int, max_dim: int) -> Array:
   return jnp.eye(dim, dtype=jnp.float32)
 
 
-def replicated(tree: Any) -> Any:
-  """Gathers arrays whose type carries an explicit sharding (``AxisType.Explicit``).
-
-  Under ``jit`` with arrays sharded over an explicit mesh axis (the default of
-  ``jax.make_mesh`` in recent JAX), a slice of the sharded axis, or a
-  contraction over it, has no unambiguous output sharding. Such arrays (a
-  batch's outputs and targets; the samples behind a structure's Gram
-  matrices, once a refit) are read as a replicated copy; gradients flow back
-  into the sharded originals unchanged. Elsewhere this is the identity.
-  """
-  typeof = getattr(jax, "typeof", None)
-  reshard = getattr(jax.sharding, "reshard", None)
-  if typeof is None or reshard is None:
-    return tree
-
-  def leaf(x):
-    sharding = getattr(typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if not spec or all(s is None for s in spec):
-      return x
-    return reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
-  return jax.tree.map(leaf, tree)
-
-
-def sharded_like(x: Array, ref: Array) -> Array:
-  """``x`` with the sharding type of ``ref`` under an explicit mesh.
-
-  A state sharded over an explicit mesh axis (``AxisType.Explicit``) types
-  ``U(g)`` as sharded; the output must keep the sharding of ``g`` (the params')
-  to meet the params again, and a statistic computed replicated goes back to
-  its state's sharding. Elsewhere this is the identity. Going from replicated
-  to split is a local slice; the other way round would gather.
-  """
-  typeof = getattr(jax, "typeof", None)
-  reshard = getattr(jax.sharding, "reshard", None)
-  if typeof is None or reshard is None:
-    return x
-  want = getattr(typeof(ref), "sharding", None)
-  have = getattr(typeof(x), "sharding", None)
-  spec_w, spec_h = getattr(want, "spec", None), getattr(have, "spec", None)
-  if spec_w is None or spec_h is None or tuple(spec_w) == tuple(spec_h):
-    return x
-  return reshard(x, want)
-
-
 def gram(spec: str, a: Array, b: Array) -> Array:
   """``jnp.einsum(spec, a, b)`` in full precision, read from replicated copies
-  (see :func:`replicated`): the second moments of samples whose rows are
+  (see :func:`~llqr_optax.sharding.replicated`): the second moments of samples whose rows are
   sharded over an explicit mesh axis."""
-  a, b = replicated(a), replicated(b)
+  a, b = sharding.replicated(a), sharding.replicated(b)
   return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -389,39 +312,10 @@ def matmul(a: Array, b: Array) -> Array:
   the result split by rows: a gradient-sized reduction, the factor never
   gathered (JAX asks for the output's sharding there).
   """
-  out = _contracted_split(a, b)
+  out = sharding.contracted_split(a, b)
   # ``out_sharding`` only where needed: older JAX's matmul has no such argument.
   kw = {} if out is None else {"out_sharding": out}
   return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, **kw)
-
-
-def _spec_of(x: Array):
-  """``(sharding, spec padded to x's rank)`` of an explicit-typed array, or
-  ``(None, None)``."""
-  typeof = getattr(jax, "typeof", None)
-  sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
-  spec = getattr(sharding, "spec", None)
-  if spec is None:
-    return None, None
-  return sharding, tuple(spec) + (None,) * (jnp.ndim(x) - len(tuple(spec)))
-
-
-def _contracted_split(a: Array, b: Array):
-  """The output sharding of ``a @ b`` (rank 1 or 2) when both are split on the
-  contracted axis under an explicit mesh: rows split like ``a``'s, or else
-  over the contracted axis; ``None`` otherwise (JAX's own rule)."""
-  sa, pa = _spec_of(a)
-  _, pb = _spec_of(b)
-  if pa is None or pb is None or jnp.ndim(a) == 0 or jnp.ndim(b) == 0:
-    return None
-  axis = pa[-1]
-  if axis is None or axis != pb[0 if jnp.ndim(b) == 1 else -2]:
-    return None
-  rows = [(pa[0] if pa[0] is not None else axis)] if jnp.ndim(a) == 2 else []
-  cols = [pb[-1] if pb[-1] not in rows else None] if jnp.ndim(b) == 2 else []
-  if not rows and cols and cols[0] is None:
-    cols = [axis]
-  return sa.update(spec=PartitionSpec(*(rows + cols)))
 
 
 def left_multiply(factor: Array, g2: Array) -> Array:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from llqr_optax import sharding
 from llqr_optax.structures import base
 from llqr_optax.structures.base import Structure
 
@@ -75,7 +76,7 @@ class Dense(Structure):
   def apply(cls, state, g):
     # A split leaf is read whole (it is tiny): M's outer-product gradients
     # then have one unambiguous (replicated) sharding.
-    return base.matmul(state.matrix, base.replicated(g.reshape(-1))).reshape(g.shape)
+    return base.matmul(state.matrix, sharding.replicated(g.reshape(-1))).reshape(g.shape)
 
   @classmethod
   def state_specs(cls, state, spec):
@@ -88,8 +89,8 @@ class Dense(Structure):
     return DenseState(PartitionSpec())
 
   @classmethod
-  def fit_preconditioner(cls, state, k, samples, eps):
+  def pcg_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂M² ≈ a · (E[x xᵀ] ⊗ I)``: ``δM ↦ δM E[x xᵀ]⁻¹``."""
-    x = base.replicated(samples.reshape(samples.shape[0], -1))
+    x = sharding.replicated(samples.reshape(samples.shape[0], -1))
     inv = base.regularised_inverse(base.matmul(x.T, x) / x.shape[0], eps)
     return lambda block: (base.matmul(block[0], inv),)

@@ -62,7 +62,7 @@ class Diagonal(Structure):
     return DiagonalState(spec)
 
   @classmethod
-  def fit_preconditioner(cls, state, k, samples, eps):
+  def pcg_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂D² ≈ a · diag(E[x²])``: divide by the samples' second moment."""
     inv = base.regularised_reciprocal(
         sum_samples(jnp.square(samples)) / samples.shape[0], eps)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llqr_optax._samples import sum_samples
+from llqr_optax import sharding
 from llqr_optax.structures import base
 
 
@@ -98,14 +99,14 @@ class EigenKronecker(base.TwoSided):
   def state_specs(cls, state, spec):
     """``S`` split like the leaf's matrix; ``Q_A``, ``cov_in`` by rows like
     its rows, ``Q_G``, ``cov_out`` like its columns."""
-    rows, cols = base.side_axes(spec, len(spec))
+    rows, cols = sharding.side_axes(spec, len(spec))
     return EigenKroneckerState(
-        PartitionSpec(rows, cols), base.factor_spec(rows, state.basis_in),
-        base.factor_spec(cols, state.basis_out), base.factor_spec(rows, state.cov_in),
-        base.factor_spec(cols, state.cov_out))
+        PartitionSpec(rows, cols), sharding.factor_spec(rows, state.basis_in),
+        sharding.factor_spec(cols, state.basis_out), sharding.factor_spec(rows, state.cov_in),
+        sharding.factor_spec(cols, state.cov_out))
 
   @classmethod
-  def fit_preconditioner(cls, state, k, samples, eps):
+  def pcg_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂S² ≈ a · diag(E[x̂²])``, ``x̂ = Q_Aᵀ X Q_G``: divide by it."""
     x = samples.reshape((samples.shape[0],) + state.scale.shape)
     xh = jax.vmap(lambda g: _to_eigenbasis(state.basis_in, state.basis_out, g))(x)
@@ -121,12 +122,12 @@ class EigenKronecker(base.TwoSided):
         return cov, cov
       outer = base.gram(spec, g2, g2)
       # Replicated to split is a local slice: the EMA stays split.
-      new = decay * cov + base.sharded_like(
+      new = decay * cov + sharding.sharded_like(
           (1 - decay) * outer / jnp.maximum(jnp.trace(outer), 1e-30), cov)
       # XLA has no distributed eigendecomposition: a split covariance is
       # gathered here, once a refit (the one gather of a factor, see docs/devices.md).
-      basis = jnp.linalg.eigh(base.replicated(new))[1]
-      return new, base.sharded_like(basis, cov)
+      basis = jnp.linalg.eigh(sharding.replicated(new))[1]
+      return new, sharding.sharded_like(basis, cov)
 
     cov_in, basis_in = side(state.cov_in, "cij,ckj->ik")
     cov_out, basis_out = side(state.cov_out, "cji,cjk->ik")

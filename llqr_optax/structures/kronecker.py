@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from llqr_optax._samples import sum_samples
+from llqr_optax import sharding
 from llqr_optax.structures import base
 
 
@@ -68,12 +69,12 @@ class Kronecker(base.TwoSided):
   @classmethod
   def state_specs(cls, state, spec):
     """``L``'s rows split like the leaf's rows, ``R``'s like its columns."""
-    rows, cols = base.side_axes(spec, len(spec))
-    return KroneckerState(base.factor_spec(rows, state.left),
-                          base.factor_spec(cols, state.right))
+    rows, cols = sharding.side_axes(spec, len(spec))
+    return KroneckerState(sharding.factor_spec(rows, state.left),
+                          sharding.factor_spec(cols, state.right))
 
   @classmethod
-  def fit_preconditioner(cls, state, k, samples, eps):
+  def pcg_preconditioner(cls, state, k, samples, eps):
     """With ``u = L X R``: ``∂²J/∂L² ≈ a · (E[XR (XR)ᵀ] ⊗ I)`` acts as
     ``δL ↦ δL E[XR (XR)ᵀ]``, and ``∂²J/∂R² ≈ a · (I ⊗ E[(LX)ᵀ LX])`` as
     ``δR ↦ E[(LX)ᵀ LX] δR``; both are inverted (diagonal factors: their

@@ -54,7 +54,7 @@ class Scalar(Structure):
     return state.scale * g
 
   @classmethod
-  def fit_preconditioner(cls, state, k, samples, eps):
+  def pcg_preconditioner(cls, state, k, samples, eps):
     """``∂²J/∂s² ≈ a · E‖x‖²``: divide by it."""
     h = jnp.mean(jnp.sum(jnp.square(samples.reshape(samples.shape[0], -1)), axis=1))
     inv = jnp.where(h > 0, 1.0 / jnp.where(h > 0, h, 1.0), 1.0)

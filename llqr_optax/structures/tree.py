@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from llqr_optax import sharding
 from llqr_optax.structures import base
-from llqr_optax.structures.base import Structure, matrix_shape  # noqa: F401
 from llqr_optax.structures.dense import Dense
 from llqr_optax.structures.diagonal import Diagonal
 from llqr_optax.structures.ekfac import EigenKronecker
@@ -283,7 +283,7 @@ def apply(states: PyTree, tree: PyTree) -> PyTree:
     Array(6., dtype=float32)
   """
   return jax.tree.map(
-      lambda g, s: base.sharded_like(
+      lambda g, s: sharding.sharded_like(
           structure_of(s).apply(s, g.astype(jnp.float32)).astype(g.dtype), g),
       tree, states)
 
