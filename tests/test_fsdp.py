@@ -42,14 +42,21 @@ BATCH, STEPS = 64, 4
 #: As ``test_parallel.TOL``: the split run sums in another order (partial
 #: products reduced across devices); the preconditioned inner solver
 #: amplifies that in the state. Measured on JAX 0.10.2 with the Cholesky
-#: Gram solves: explicit axes 5.2e-6 (updates), 6.6e-6 (params), 1.2e-5
-#: (state); auto axes 1.1e-5, 1.9e-5 and 2.7e-5; a dense leaf split 3.7e-5.
-TOL = {"updates": 3e-5, "params": 3e-5, "state": 1e-4,
+#: Gram solves, on explicit axes: 3.9e-6 and 5.2e-6 (updates), 5.9e-6 and
+#: 6.6e-6 (params), 1.1e-5 and 1.2e-5 (state) in two sessions; a dense leaf
+#: split 3.7e-5 (state).
+TOL = {"updates": 1e-5, "params": 1e-5, "state": 1e-4,
        # ekfac's eigenvectors move by about the covariances' difference (4e-8
        # here) over their eigengap (Davis-Kahan), and the scales fitted in
        # that basis with them: measured 2.5e-4 (bases, each up to its sign)
        # and 3.5e-4 (scales, relative to the largest).
        "ekfac_bases": 1e-3, "ekfac_scale_relative": 1.5e-3}
+#: On auto axes XLA picks the partial sums: measured 7.5e-6 and 1.1e-5
+#: (updates), 1.1e-5 and 1.9e-5 (params), 1.7e-5 and 2.7e-5 (state) in two
+#: sessions. The params differ most where Adam divides a tiny gradient
+#: coordinate by its tiny second moment: Adam alone on the same mesh ends
+#: 1.2e-7 apart, and with llqr the gradients at the same steps 1.8e-7 apart.
+AUTO_TOL = {**TOL, "updates": 2e-5, "params": 3e-5}
 #: Full shapes of the factors the FSDP layout splits: Kronecker's ``L`` of
 #: ``l3.w`` and ekfac's ``Q_A``/``cov_in`` of ``l0.w``.
 SPLIT_FACTORS = {"kronecker_left": "f32[32,32]", "ekfac_in": "f32[24,24]"}
@@ -273,9 +280,9 @@ def test_the_run_refits(results):
   assert results["refits"] == 3  # steps 0, 1, 2; step 3 only preconditions
 
 
-def assert_matches(entry):
-  for part in TOL:
-    assert entry[part] <= TOL[part], (part, entry)
+def assert_matches(entry, tol=TOL):
+  for part in tol:
+    assert entry[part] <= tol[part], (part, entry)
 
 
 def assert_stays_split(specs):
