@@ -74,7 +74,7 @@ class LLQRState(NamedTuple):
     guard_until: the step count before which refits pause after a trip (0
       before any).
     refit_loss: the refit batch's loss averaged over refits (an EMA with
-      ``β = ½``; ``nan`` before the first refit, and restarted by a trip).
+      ``β = 0.8``; ``nan`` before the first refit, and restarted by a trip).
     best_refit_loss: the lowest ``refit_loss`` so far (``nan`` before).
     first_refit_loss: the first refit's loss (``nan`` before).
 
