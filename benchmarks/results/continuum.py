@@ -38,9 +38,10 @@ def _median(values) -> Optional[float]:
 
 
 def summarise(path: Path) -> Dict[str, Dict]:
-  """``{row: {steps, steps_range, seconds, lr, reached, seeds}}`` of one
-  task's training JSON (steps and seconds to the target: medians over the
-  seeds, ``None`` where a seed missed the target)."""
+  """``{row: {lr, lr_at_edge, seeds, reached, steps, steps_range,
+  time_per_step}}`` of one task's training JSON: steps to the target, the
+  median over the seeds (``None`` where a seed missed it), and the time per
+  step over Adam's (``nan`` where not measured)."""
   data = json.loads(path.read_text())
   out = {}
   for s in data["summary"]:
@@ -50,7 +51,7 @@ def summarise(path: Path) -> Dict[str, Dict]:
         lr=s["best_lr"], lr_at_edge=s["lr_at_edge"], seeds=len(steps),
         reached=len(reached), steps=_median(steps),
         steps_range=(min(reached), max(reached)) if reached else None,
-        time_per_step=s["ratio_vs_adam_mean"]["median"])
+        time_per_step=(s.get("ratio_vs_adam_mean") or {}).get("median") or float("nan"))
   return out
 
 
