@@ -29,8 +29,9 @@ from llqr_optax import structures
 DEFAULT_FLOOR = 1e-8
 
 #: ``guard`` by default: llqr stands down where the loss, averaged over
-#: refits, rises half as much again as its best (see :mod:`llqr_optax.safety`).
-DEFAULT_GUARD = 1.5
+#: refits, rises a fifth above its best and past its noise, twice in a row
+#: (see :mod:`llqr_optax.safety`).
+DEFAULT_GUARD = 1.2
 
 
 class Options(NamedTuple):

@@ -347,12 +347,12 @@ def refit_state(options: Options, state: LLQRState, batch: Batch,
 def guard_loss(options: Options, state: LLQRState, problem: fitting.Problem,
                loss, ok) -> LLQRState:
   """Refit stage 6: the guard (:func:`~llqr_optax.safety.guard_check`) reads
-  the refit batch's loss; where it rose past ``guard`` times its best, ``U``
-  becomes the identity at its best scale, refits pause, and the damping of
-  the fits after it grows by :data:`~llqr_optax.safety.TRIP_DAMPING`."""
-  track = safety.LossTrack(state.refit_loss, state.best_refit_loss,
-                           state.first_refit_loss)
-  trip, new = safety.guard_check(track, loss, options.guard)
+  the refit batch's loss; where its average rose past ``guard`` times its best
+  and past its noise, twice in a row, ``U`` becomes the identity at its best
+  scale, refits pause, and the damping of the fits after it grows by
+  :data:`~llqr_optax.safety.TRIP_DAMPING`."""
+  track = safety.LossTrack(*(getattr(state, name) for name in safety.LossTrack._fields))
+  trip, new = safety.guard_check(track, loss, options.guard, refits=state.refits)
   ok = ok & jnp.isfinite(loss)
   state = keep_if_finite(state, ok, counted=False, **new._asdict())
 
@@ -365,6 +365,7 @@ def guard_loss(options: Options, state: LLQRState, problem: fitting.Problem,
     return s._replace(
         preconditioner=precond, output_scale=scale.astype(jnp.float32),
         guard_trips=trips, damping=damping, refit_loss=jnp.full((), jnp.nan, jnp.float32),
+        guard_alarms=jnp.zeros((), jnp.int32),
         guard_until=safety.hold_until(s.count, trips, options.refit_every))
   return jax.lax.cond(trip & ok, canonical_convolutions(stand_down), lambda s: s,
                       state)

@@ -74,9 +74,15 @@ class LLQRState(NamedTuple):
     guard_until: the step count before which refits pause after a trip (0
       before any).
     refit_loss: the refit batch's loss averaged over refits (an EMA with
-      ``β = 0.8``; ``nan`` before the first refit, and restarted by a trip).
+      ``β = ½``; ``nan`` before the first refit, and restarted by a trip).
     best_refit_loss: the lowest ``refit_loss`` so far (``nan`` before).
     first_refit_loss: the first refit's loss (``nan`` before).
+    last_refit_loss: the last refit's loss (``nan`` before).
+    refit_loss_noise: the average of the squared differences of successive
+      refit losses, from the fifth refit on (0 before): twice the variance
+      of the loss's noise, which the guard reads.
+    guard_alarms: the refits in a row whose averaged loss rose past both of
+      the guard's bars (two trip it).
 
   Example:
     >>> import jax.numpy as jnp, optax, llqr_optax
@@ -106,6 +112,9 @@ class LLQRState(NamedTuple):
   refit_loss: jax.Array
   best_refit_loss: jax.Array
   first_refit_loss: jax.Array
+  last_refit_loss: jax.Array
+  refit_loss_noise: jax.Array
+  guard_alarms: jax.Array
 
 
 def scaled_apply(state: LLQRState, tree: PyTree) -> PyTree:

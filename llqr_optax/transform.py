@@ -21,6 +21,7 @@ from llqr_optax import _validation as validation
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
 from llqr_optax import options as options_lib
+from llqr_optax import safety
 from llqr_optax import schedule
 from llqr_optax import sharding as sharding_lib
 from llqr_optax import stages
@@ -49,7 +50,7 @@ def _init_state(options: options_lib.Options, params) -> LLQRState:
       curvature_scale=f32(jnp.nan if options.relative_damping else 0.0),
       refit_grad_norm=f32(0.0), refit_requested=jnp.asarray(False),
       rejected_refits=i32(0), guard_trips=i32(0), guard_until=i32(0),
-      refit_loss=f32(jnp.nan), best_refit_loss=f32(jnp.nan), first_refit_loss=f32(jnp.nan))
+      **safety.empty_track()._asdict())
   # Sharded params (FSDP): the state is split like them, never replicated.
   return sharding_lib.shard_like_params(state, params)
 
@@ -187,7 +188,8 @@ def scale_by_llqr(
       training batch).
     guard: llqr stands down where the loss rises while it preconditions:
       when the refit batch's loss, averaged over refits, exceeds ``guard``
-      times its lowest value so far, ``U`` becomes the identity at its best
+      times its lowest value so far and that value by five times its noise,
+      at two refits in a row, ``U`` becomes the identity at its best
       scale (the next transform gets the gradient, as without llqr), refits
       pause for ``refit_every · 2^(k−1)`` steps at the ``k``-th time
       (``guard_trips``), then start from scratch. ``None`` turns it off

@@ -112,65 +112,101 @@ def test_a_stale_average_that_overshoots_is_scaled_back_and_counted():
 
 
 def test_the_guard_stands_llqr_down_where_the_loss_rises():
-  """Refits at steps 0, 2, 4, … (``warmup=False``); the targets jump ×10 at
-  steps 4 and 5 only. The refit loss, averaged over refits, rises far past
-  1.5× its best at step 4: ``U`` becomes the identity at its best scale until
-  the next refit (``refit_every · 2⁰`` steps), which starts from scratch on
-  a loss back near its best."""
+  """Refits at steps 0, 2, 4, … (``warmup=False``); the targets jump ×10 from
+  step 12. The guard learns the loss's noise from the fifth refit on; the
+  average rises far past both bars at the refits of steps 12 (an alarm) and
+  14 (the second: a trip). ``U`` becomes the identity at its best scale until
+  the next refit (``refit_every · 2⁰`` steps), which starts from scratch at
+  ten times the damping."""
   tx = llqr_optax.llqr(loss="squared_error", learning_rate=0.1,
                        structure="diagonal", refit_every=2, warmup=False)
-  states, losses = run(tx, [X] * 10, [Y] * 4 + [10 * Y] * 2 + [Y] * 4)
-  assert [int(s.guard_trips) for s in states] == [0] * 4 + [1] * 6
-  tripped = states[4]
-  assert int(tripped.guard_until) == 6
+  states, losses = run(tx, [X] * 17, [Y] * 12 + [10 * Y] * 5)
+  assert [int(s.guard_alarms) for s in states[10:15]] == [0, 0, 1, 1, 0]
+  assert [int(s.guard_trips) for s in states] == [0] * 14 + [1] * 3
+  tripped = states[14]
+  assert int(tripped.guard_until) == 16
   diag = tripped.preconditioner["w"].diag
   assert float(jnp.max(diag) - jnp.min(diag)) == 0 and float(diag[0, 0]) > 0
   assert np.isnan(float(tripped.refit_loss))  # the average restarts
-  assert [int(s.refits) for s in states] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-  # the refit of step 6 starts afresh: its average is its own loss, and its
+  assert [int(s.refits) for s in states] == [k // 2 + 1 for k in range(17)]
+  # the refit of step 16 starts afresh: its average is its own loss, and its
   # U is the first refit of a new transform there (no average with s·I), at
   # 10x the damping (safety.TRIP_DAMPING per trip)
-  assert float(states[6].refit_loss) == pytest.approx(losses[6][0], rel=1e-5)
-  assert float(states[6].damping) == pytest.approx(10.0)
+  assert float(states[16].refit_loss) == pytest.approx(losses[16][0], rel=1e-5)
+  assert float(states[16].damping) == pytest.approx(10.0)
   fresh = llqr_optax.llqr(loss="squared_error", learning_rate=0.1,
                           structure="diagonal", refit_every=2, damping=10.0)
-  p6 = run.params[6]
-  grads = jax.grad(lambda p: 0.5 * jnp.mean((APPLY(X)(p) - Y) ** 2))(p6)
-  _, new = fresh.update(grads, fresh.init(p6), p6, apply_fn=APPLY(X), targets=Y)
-  np.testing.assert_allclose(states[6].preconditioner["w"].diag,
+  p16 = run.params[16]
+  grads = jax.grad(lambda p: 0.5 * jnp.mean((APPLY(X)(p) - 10 * Y) ** 2))(p16)
+  _, new = fresh.update(grads, fresh.init(p16), p16, apply_fn=APPLY(X), targets=10 * Y)
+  np.testing.assert_allclose(states[16].preconditioner["w"].diag,
                              llqr_optax.find_state(new).preconditioner["w"].diag,
                              rtol=1e-5)
 
 
 def test_the_guard_backs_off_when_the_loss_stays_high():
-  """The targets jump ×10 for good at step 4: every refit after a trip trips
-  again, and each trip holds twice as long (refits skipped meanwhile)."""
+  """The targets jump ×10 for good at step 12: after each trip the restarted
+  average trips again at its second refit, and each trip holds twice as long
+  (refits skipped meanwhile)."""
   tx = llqr_optax.llqr(loss="squared_error", learning_rate=0.5,
                        structure="diagonal", refit_every=2, warmup=False)
-  states, _ = run(tx, [X] * 12, [Y] * 4 + [10 * Y] * 8)
-  assert [int(s.guard_trips) for s in states] == [0] * 4 + [1] * 2 + [2] * 4 + [3] * 2
-  assert [int(s.guard_until) for s in states[4:]] == [6, 6, 10, 10, 10, 10, 18, 18]
-  # the refit of step 8 is held: no refit between the trips of steps 6 and 10
-  assert [int(s.refits) for s in states] == [1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 5, 5]
+  states, _ = run(tx, [X] * 30, [Y] * 12 + [10 * Y] * 18)
+  trips = [int(s.guard_trips) for s in states]
+  assert trips == [0] * 14 + [1] * 4 + [2] * 6 + [3] * 6
+  assert [int(s.guard_until) for s in states[14:]] == [16] * 4 + [22] * 6 + [32] * 6
+  # no refit while held: steps 20 (held until 22) and 26, 28 (until 32)
+  refit_steps = [k for k in range(1, 30) if states[k].refits > states[k - 1].refits]
+  assert refit_steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 22, 24]
 
 
 def test_without_the_guard_the_rise_goes_unanswered():
   tx = llqr_optax.llqr(loss="squared_error", learning_rate=0.5,
                        structure="diagonal", refit_every=2, warmup=False, guard=None)
-  states, _ = run(tx, [X] * 6, [Y] * 4 + [10 * Y] * 2)
-  assert int(states[-1].guard_trips) == 0 and int(states[-1].refits) == 3
+  states, _ = run(tx, [X] * 18, [Y] * 12 + [10 * Y] * 6)
+  assert int(states[-1].guard_trips) == 0 and int(states[-1].refits) == 9
+
+
+def guard_run(losses, guard=1.2):
+  """The guard over a sequence of refit losses: the refits at which it trips."""
+  track, trips = safety.empty_track(), []
+  for k, loss in enumerate(losses, 1):
+    trip, track = safety.guard_check(track, jnp.float32(loss), guard, refits=k)
+    if bool(trip):
+      trips.append(k)
+      track = track._replace(refit_loss=jnp.float32(jnp.nan),
+                             guard_alarms=jnp.int32(0))
+  return trips, track
 
 
 def test_the_guard_ignores_noise_at_a_converged_loss():
-  track = safety.LossTrack(*(jnp.float32(jnp.nan),) * 3)
-  trips = []
   # converged to 1e-8, then noise at 1e-6: a 100-fold rise, far below 10⁻³
   # of the first loss
-  for loss in [1.0] + [1e-8] * 100 + [1e-6] * 5:
-    trip, track = safety.guard_check(track, jnp.float32(loss), 1.5)
-    trips.append(bool(trip))
+  trips, track = guard_run([1.0] + [1e-8] * 100 + [1e-6] * 5)
   assert float(track.refit_loss) > 50 * float(track.best_refit_loss)
-  assert not any(trips)
+  assert trips == []
+
+
+def test_the_guard_ignores_noisy_batch_losses_and_trips_on_a_climb():
+  """Batch losses at a fixed level with 30% noise (a batch-32 loss) rise past
+  ``1.2×`` their best average often; the noise bar leaves them alone for 500
+  refits. The same noise on a loss that climbs 2% a refit from refit 300
+  trips within 40 refits; without noise, a 5% climb trips at its sixth refit
+  (its average passes 1.2× its best at the fifth)."""
+  rng = np.random.default_rng(0)
+  noise = np.exp(0.3 * rng.standard_normal(500))
+  assert guard_run(noise)[0] == []
+  relative_only = []  # the relative bar alone (guard 1.2, two in a row)
+  ema = best = None
+  for loss in noise:
+    ema = loss if ema is None else 0.5 * ema + 0.5 * loss
+    relative_only.append(best is not None and ema > 1.2 * best)
+    best = ema if best is None else min(best, ema)
+  assert sum(a and b for a, b in zip(relative_only, relative_only[1:])) > 10
+  climb = noise * np.where(np.arange(500) < 300, 1.0, 1.02 ** (np.arange(500) - 300))
+  trips = guard_run(climb)[0]
+  assert trips and 300 < trips[0] <= 340
+  smooth = [1.0, 0.5] + [0.4] * 20 + [0.4 * 1.05 ** k for k in range(1, 20)]
+  assert guard_run(smooth)[0][0] == 22 + 6
 
 
 @pytest.mark.parametrize("value", [0.5, float("nan"), "2"])
