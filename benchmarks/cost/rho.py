@@ -9,14 +9,15 @@ windows). Calls alternate, each waited for; the ratio is the median of
 ``--repeats`` per-pair ratios. Compilation is out. Run it alone::
 
   .venv/bin/python -m benchmarks.cost.rho --cg-steps 10
-  .venv/bin/python -m benchmarks.cost.rho --cg-steps 10 --sub-batch 32
+  .venv/bin/python -m benchmarks.cost.rho --cg-steps 10 --fraction 0.25
 
 Each CG step costs a curvature product (a ``jvp`` and a ``vjp`` through the
 model, about a training step's forward and backward pass), so ``ρ`` at ``k``
-steps costs about ``k`` training steps on the whole batch. ``--sub-batch n``
-scores the update on the batch's first ``n`` examples (the training step still
-takes the whole batch): the meter's cheap setting, as the refit's sub-batch is
-llqr's.
+steps costs about ``k`` training steps on the whole batch. ``--fraction f``
+scores the update on the batch's first ``⌈f · batch⌉`` examples (the exact
+step, the gradient and ``ρ`` all on that sub-batch; the training step still
+takes the whole batch): the meter's cheap setting, a noisier estimate of the
+same ``ρ``, as the refit's sub-batch is for llqr.
 
 Writes ``rho_cost.json`` to ``--out`` (default ``benchmarks/results/long_horizon``).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -47,14 +49,15 @@ def _timed(fn, *args) -> float:
 
 
 def measure(task_name: str, cg_steps: int, repeats: int, damping: float,
-            sub_batch=None):
-  """``{"train_ms", "rho_ms", "ratio"}`` (medians) for one task; ``ρ`` on the
-  batch's first ``sub_batch`` examples (``None``: all)."""
+            fraction: float = 1.0):
+  """``{"train_ms", "rho_ms", "ratio", "rho_examples"}`` (medians) for one
+  task; ``ρ`` on the batch's first ``⌈fraction · batch⌉`` examples."""
   task = horizon_tasks.get_task(task_name)
   params = task.init(jax.random.PRNGKey(0))
   xs, ys = task.batches(0, 1)
   x, y = xs[0], ys[0]
-  x_rho, y_rho = (x, y) if sub_batch is None else (x[:sub_batch], y[:sub_batch])
+  n = math.ceil(fraction * x.shape[0])
+  x_rho, y_rho = x[:n], y[:n]
   tx = optax.sgd(0.05, momentum=0.9)
   opt_state = tx.init(params)
 
@@ -77,7 +80,7 @@ def measure(task_name: str, cg_steps: int, repeats: int, damping: float,
             _timed(rho, updates, params, x_rho, y_rho)) for _ in range(repeats)]
   t, r = np.asarray(pairs).T
   return dict(train_ms=1e3 * float(np.median(t)), rho_ms=1e3 * float(np.median(r)),
-              ratio=float(np.median(r / t)))
+              ratio=float(np.median(r / t)), rho_examples=n, batch=int(x.shape[0]))
 
 
 def main(argv=None):
@@ -86,24 +89,24 @@ def main(argv=None):
   parser.add_argument("--cg-steps", type=int, default=10)
   parser.add_argument("--damping", type=float, default=1.0)
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--sub-batch", type=int, default=None,
-                      help="score on the batch's first N examples (default: all)")
+  parser.add_argument("--fraction", type=float, default=1.0,
+                      help="score on this fraction of each batch (default: all)")
   parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_horizon")
   args = parser.parse_args(argv)
   rows = {}
-  on = "" if args.sub_batch is None else f" on {args.sub_batch} examples"
+  on = "" if args.fraction == 1.0 else f" on {args.fraction:g} of the batch"
   print(f"| task | training step (ms) | ρ, {args.cg_steps} CG steps{on} (ms) | ratio |")
   print("| --- | --- | --- | --- |")
   for name in args.tasks:
     rows[name] = m = measure(name, args.cg_steps, args.repeats, args.damping,
-                             args.sub_batch)
+                             args.fraction)
     print(f"| {name} | {m['train_ms']:.2f} | {m['rho_ms']:.2f} | {m['ratio']:.1f}× |",
           flush=True)
   args.out.mkdir(parents=True, exist_ok=True)
   meta = dict(cg_steps=args.cg_steps, damping=args.damping, repeats=args.repeats,
-              sub_batch=args.sub_batch, backend=jax.default_backend(),
+              fraction=args.fraction, backend=jax.default_backend(),
               jax=jax.__version__, load_average=list(os.getloadavg()))
-  name = "rho_cost.json" if args.sub_batch is None else f"rho_cost_sub{args.sub_batch}.json"
+  name = "rho_cost.json" if args.fraction == 1.0 else f"rho_cost_fraction{args.fraction:g}.json"
   (args.out / name).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 
