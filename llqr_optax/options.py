@@ -33,6 +33,11 @@ DEFAULT_FLOOR = 1e-8
 #: (see :mod:`llqr_optax.safety`).
 DEFAULT_GUARD = 1.2
 
+#: ``refit_growth`` by default for llqr with a ``learning_rate`` (llqr is the
+#: whole optimizer: ``U``'s scale is the step's, and a ``U`` fitted where the
+#: gradient, and so the curvature, was smaller is far too long a step).
+DEFAULT_REFIT_GROWTH = 4.0
+
 
 class Options(NamedTuple):
   """The options of one :func:`~llqr_optax.scale_by_llqr`, in its signature's
@@ -57,7 +62,7 @@ class Options(NamedTuple):
   ema: Any = 0.9
   adapt_damping: bool = False
   relative_damping: bool = False
-  refit_growth: Optional[float] = None
+  refit_growth: Any = "auto"
   normalize: bool = False
   floor: Any = "auto"
   warmup: bool = True
@@ -118,9 +123,15 @@ def resolve(options: Options) -> Options:
       geometry=geometry_lib.get_geometry(options.geometry))
   options = options._replace(
       floor=resolve_floor(options.floor, options.structure),
-      accept="direction" if options.accept == "auto" else options.accept)
+      accept="direction" if options.accept == "auto" else options.accept,
+      refit_growth=None if is_auto(options.refit_growth) else options.refit_growth)
   check(options)
   return options
+
+
+def is_auto(value) -> bool:
+  """Whether ``value`` is the string ``"auto"`` (a traced value is not)."""
+  return isinstance(value, str) and value == "auto"
 
 
 def resolve_floor(floor: Any, structure: Any) -> Optional[float]:
@@ -162,6 +173,10 @@ def check(options: Options) -> None:
   if options.guard is not None:
     validation.check_number("guard", options.guard, low=1.0,
                             fix=f"Try {DEFAULT_GUARD}, or None to turn the guard off.")
+  if options.refit_growth is not None:
+    validation.check_number("refit_growth", options.refit_growth, low=1.0,
+                            fix=f"Try {DEFAULT_REFIT_GROWTH}, or None to refit on the "
+                                "schedule only.")
   for name, low in (("refit_every", 1), ("inner_steps", 0), ("num_chunks", 1),
                     ("cg_steps", 0)):
     if validation.is_concrete(getattr(options, name)):

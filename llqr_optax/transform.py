@@ -68,7 +68,7 @@ def scale_by_llqr(
     ema: float = 0.9,
     adapt_damping: bool = False,
     relative_damping: bool = False,
-    refit_growth: Optional[float] = None,
+    refit_growth: Any = "auto",
     normalize: bool = False,
     floor: Any = "auto",
     warmup: bool = True,
@@ -156,7 +156,10 @@ def scale_by_llqr(
       multiple of its value at the last refit: a preconditioner fitted where
       the curvature was low is far too long a step where it has grown (``U``
       goes stale faster than ``refit_every``). ``None`` refits on the
-      schedule only. With ``refit=None`` the refit happens in the same step;
+      schedule only; ``"auto"`` is ``None`` here and ``4.0`` for
+      :func:`llqr` with a ``learning_rate``, where ``U``'s scale is the
+      step's (before Adam, which normalises the step, a growing gradient
+      does not make it too long). With ``refit=None`` the refit happens in the same step;
       a two-step loop refits at the next step (:func:`~llqr_optax.refit_due` reads the
       request from the state, and :func:`compile_step` given the same
       ``refit_growth``).
@@ -274,7 +277,7 @@ def llqr(
     ema: float = 0.9,
     adapt_damping: bool = False,
     relative_damping: bool = False,
-    refit_growth: Optional[float] = None,
+    refit_growth: Any = "auto",
     normalize: bool = False,
     floor: Any = "auto",
     warmup: bool = True,
@@ -313,11 +316,16 @@ def llqr(
       is then the step's: a fit with ``J(U) ≥ 0`` is scaled back) and
       ``"direction"`` without (the next transform sets the step's length);
       see :func:`scale_by_llqr`.
+    refit_growth: ``"auto"`` is ``4.0`` with a ``learning_rate`` (a
+      refit as soon as ``‖g‖`` grows 4× past its value at the last refit:
+      without it, ``llqr(learning_rate=1.0)`` on Rosenbrock converges or
+      diverges by the rounding of the compiled program) and ``None``
+      without; see :func:`scale_by_llqr`.
     loss, geometry, structure, damping, refit_every: as for
       :func:`scale_by_llqr`, to which it is passed on by name.
     num_chunks, inner_steps, inner_solver, ema, adapt_damping: as for
       :func:`scale_by_llqr`, to which it is passed on by name.
-    relative_damping, refit_growth, normalize, floor, warmup: as for
+    relative_damping, normalize, floor, warmup: as for
       :func:`scale_by_llqr`, to which it is passed on by name.
     cg_steps, guard, max_dim, dense_max, seed, axis_name: as for
       :func:`scale_by_llqr`, to which it is passed on by name.
@@ -356,7 +364,10 @@ def llqr(
   if learning_rate is not None:  # the "auto" values with a learning rate
     options = options._replace(
         floor=None if options.floor == "auto" else options.floor,
-        accept="scale" if options.accept == "auto" else options.accept)
+        accept="scale" if options.accept == "auto" else options.accept,
+        refit_growth=(options_lib.DEFAULT_REFIT_GROWTH
+                      if options_lib.is_auto(options.refit_growth)
+                      else options.refit_growth))
   precond = scale_by_llqr(**options._asdict())
   if learning_rate is None:
     return precond

@@ -101,9 +101,10 @@ def test_a_stale_average_that_overshoots_is_scaled_back_and_counted():
   """llqr as the whole optimizer (``accept="scale"``): the inputs grow ×10
   between the first two refits, so the curvature grows ×100 and the average
   (``ema=0.9``) of the old ``U`` with the new fit is far too long a step. It
-  is scaled to its best scale, and the step lowers the loss."""
+  is scaled to its best scale, and the step lowers the loss. (The default
+  ``refit_growth`` would make that refit a fresh one, with no average.)"""
   tx = llqr_optax.llqr(loss="squared_error", learning_rate=1.0, structure="diagonal",
-                       damping=1e-3, ema=0.9, guard=None)
+                       damping=1e-3, ema=0.9, guard=None, refit_growth=None)
   (first, second), losses = run(tx, [X, 10 * X], [Y, 10 * Y])
   assert int(first.rejected_refits) == 0 and float(first.objective) < 0
   assert int(second.refits) == 2 and int(second.rejected_refits) == 1
