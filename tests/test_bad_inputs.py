@@ -113,6 +113,8 @@ CASES = [
     ("inner_steps < 0", build(inner_steps=-1), r"inner_steps=-1 must be an integer >= 0"),
     ("ema above 1", build(ema=1.5), r"ema=1.5 is invalid: it must be finite and >= 0.0 and <= 1.0"),
     ("ema below 0", build(ema=-0.1), r"ema=-0.1 is invalid"),
+    ("refit_growth below 1", build(refit_growth=0.5),
+     r"refit_growth=0.5 is invalid: it must be finite and >= 1.0. Try 4.0, or None"),
     ("seed not an integer", build(seed=0.5), r"seed=0.5 must be an integer"),
     ("max_dim < 1", init(max_dim=0), r"max_dim=0 must be an integer >= 1"),
     # --- geometry options and loss --------------------------------------------
