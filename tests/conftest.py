@@ -15,10 +15,14 @@ there are float32, so the float64 modules build theirs in fixtures or tests.
 
 Order. ``make test`` runs the suite on two pytest-xdist workers, one test
 file at a time per worker (``--dist loadfile``), handing out files in
-collection order. Starting with the slowest files (each runs a benchmark
-script, the notebooks or the docs' blocks end to end) keeps one worker
-from being left with a long file at the end while the other idles. Only the
-order changes; every test still runs.
+collection order: :data:`SLOW_FIRST`, then the rest. Starting with the
+slowest files (each runs a benchmark script, the notebooks or the docs'
+blocks end to end) keeps one worker from being left with a long file at the
+end while the other idles. pytest-xdist would otherwise re-sort the files by
+their number of tests (``--loadscope-reorder``, its default), which put the
+many quick unit tests first and the long files wherever their count fell;
+:func:`pytest_configure` turns that off. Only the order changes; every test
+still runs.
 
 Compiled programs. The suite compiles the same programs many times over: in
 the benchmark scripts' runs across seeds and rates, in the subprocesses of the
@@ -58,31 +62,47 @@ import jax  # noqa: E402  (after the cache settings, which JAX reads at import)
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
-#: Slowest first (cold-cache durations on a loaded 2-core CPU, 2026-12: the
-#: safe-training grid, the docs blocks, the notebooks and the training harness
-#: take minutes each); the rest keep their order.
+#: Slowest first, by each file's summed test durations in a cold-cache run
+#: of the whole suite on a loaded 2-core CPU (2026-12); the rest keep their
+#: order. Longest first keeps the two workers' loads even at the end.
 SLOW_FIRST = (
-    "test_safe_training.py",
-    "test_doc_blocks.py",
     "test_notebooks.py",
     "test_benchmarks_training.py",
-    "test_contract.py",
+    "test_safe_training.py",
+    "test_doc_blocks.py",
+    "test_reliability.py",
     "test_quality.py",
     "test_flax.py",
-    "test_reliability.py",
-    "test_docs.py",
-    "test_benchmarks_quick.py",
-    "test_fsdp.py",
-    "test_parallel.py",
-    "test_multiprocess.py",
     "test_checkpoint_mesh.py",
-    "test_fitting.py",
+    "test_parallel.py",
+    "test_fsdp.py",
+    "test_contract_targets.py",
     "test_fit_options.py",
+    "test_benchmarks_quick.py",
+    "test_paper_preset.py",
+    "test_multiprocess.py",
+    "test_contract.py",
+    "test_fitting.py",
+    "test_transform.py",
+    "test_exact.py",
+    "test_safety.py",
+    "test_conv_layout.py",
+    "test_docs.py",
+    "test_sample_map.py",
+    "test_geometry.py",
+    "test_checkpoint.py",
     "test_fsdp_auto.py",
+    "test_loop.py",
+    "test_geometry_registry.py",
+    "test_peers.py",
 )
 
 
 def pytest_configure(config):
+  # --dist loadfile hands out files in SLOW_FIRST's order, not sorted by
+  # their number of tests (pytest-xdist's --loadscope-reorder default).
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
   config.addinivalue_line(
       "markers", "x64: the module's tests run with float64 enabled "
       "(jax.enable_x64(True)); unmarked modules run in float32")

@@ -56,7 +56,11 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S,
                                    resources={"metadata": {"path": str(path.parent)}})
   start = time.perf_counter()
-  client.execute()  # raises CellExecutionError with the cell and traceback
+  try:
+    client.execute()  # raises CellExecutionError with the cell and traceback
+  finally:  # nbclient leaves a kernel it did not start running (km passed in)
+    if km.has_kernel:
+      km.shutdown_kernel(now=True)
   print(f"\n{path.name}: {time.perf_counter() - start:.1f} s")
   prefix = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
   assert os.path.realpath(prefix) == os.path.realpath(sys.prefix), (
