@@ -38,7 +38,8 @@ programs, not running them. The suite compiles at XLA's backend optimisation
 level 0 (``--xla_backend_optimization_level=0`` added to ``XLA_FLAGS``, which
 every subprocess, notebook kernel and docs block inherits): LLVM skips its
 optimisation passes, which halves the compile time of an llqr step on the
-CPU (the suite: 643 s against 884 s, cold cache, alone), while the matrix
+CPU (the suite of 2026-12-03 16:40: 643 s against 884 s, cold cache, alone;
+after later changes a fresh clone took 1163 s, cause not yet found), while the matrix
 products, convolutions and decompositions still run XLA's precompiled
 kernels. Every comparison a test makes is between programs compiled with the
 same flags. The other rounding is a test of its own: at level 0
