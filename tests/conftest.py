@@ -34,22 +34,29 @@ compiled, so no result changes; the cache key holds the program, the JAX and
 XLA versions, the flags and the devices.
 
 Compilation effort. Most of the suite's time is XLA compiling small
-programs, not running them. The suite compiles at XLA's backend optimisation
-level 0 (``--xla_backend_optimization_level=0`` added to ``XLA_FLAGS``, which
-every subprocess, notebook kernel and docs block inherits): LLVM skips its
-optimisation passes, which halves the compile time of an llqr step on the
-CPU (the suite of 2026-12-03 16:40: 643 s against 884 s, cold cache, alone;
-after later changes a fresh clone took 1163 s, cause not yet found), while the matrix
-products, convolutions and decompositions still run XLA's precompiled
-kernels. Every comparison a test makes is between programs compiled with the
-same flags. The other rounding is a test of its own: at level 0
-``llqr(learning_rate=1.0)`` on the Rosenbrock contract target once stepped to
-3e13 between two refits, where level 2 happened to converge; the fix
-(``refit_growth="auto"``, a refit when the gradient grows 4×) made it converge
-at both. ``make demo``, the benchmarks and ``make docs`` run at the default
-level. ``XLA_FLAGS`` that already name ``xla_backend_optimization_level`` are
-left as they are (set ``--xla_backend_optimization_level=2`` there to test at
-XLA's default level).
+programs, not running them. The suite adds two flags to ``XLA_FLAGS`` (which
+every subprocess, notebook kernel and docs block inherits),
+:data:`SUITE_XLA_FLAGS`:
+
+- ``--xla_backend_optimization_level=0``: LLVM skips its optimisation
+  passes, which halves the compile time of an llqr step on the CPU, while
+  matrix products, convolutions and decompositions still run XLA's
+  precompiled kernels;
+- ``--xla_cpu_use_fusion_emitters=false``: XLA:CPU emits its fused loops
+  with its older elemental emitter instead of lowering each fusion through
+  MLIR, which halves compile time again (the training harness's quick run,
+  cold: 152 s against 88 s; one program of ``test_safe_training.py``: a
+  compile of 9.5 s against 4.9 s; 2026-12-03, beside a benchmark).
+
+Both change only rounding. Every comparison a test makes is between programs
+compiled with the same flags, and the rounding is a test of its own: at
+level 0 ``llqr(learning_rate=1.0)`` on the Rosenbrock contract target once
+stepped to 3e13 between two refits, where level 2 happened to converge; the
+fix (``refit_growth="auto"``, a refit when the gradient grows 4×) made it
+converge at both. ``make demo``, the benchmarks and ``make docs`` run at
+XLA's defaults. A flag that ``XLA_FLAGS`` already names keeps its value
+there (``XLA_FLAGS="--xla_backend_optimization_level=2
+--xla_cpu_use_fusion_emitters=true" make test`` tests at XLA's defaults).
 
 Quick modes. ``LLQR_QUICK=1``, set here for the whole suite (and so for the
 notebook kernels), makes the notebooks run every cell on smaller problems
@@ -66,9 +73,13 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(
-      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+#: XLA flags for the whole suite (see "Compilation effort" above); a flag that
+#: ``XLA_FLAGS`` already names keeps its value there.
+SUITE_XLA_FLAGS = {"xla_backend_optimization_level": "0",
+                   "xla_cpu_use_fusion_emitters": "false"}
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS")] + [
+    f"--{name}={value}" for name, value in SUITE_XLA_FLAGS.items()
+    if name not in os.environ.get("XLA_FLAGS", "")]))
 os.environ.setdefault("LLQR_QUICK", "1")
 
 import jax  # noqa: E402  (after the cache settings, which JAX reads at import)

@@ -100,10 +100,9 @@ def _worker(mode, workdir):
 def runs(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("checkpoint")
   flags = os.environ.get("XLA_FLAGS", "")
-  # Both processes get the same environment; optimisation level 0 only makes
-  # XLA compile faster.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"{flags} --xla_backend_optimization_level=0"}
+  # Both processes get the same environment (with the suite's XLA flags,
+  # tests/conftest.py).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
   for mode in ("first", "resume"):
     proc = subprocess.run([sys.executable, __file__, mode, str(workdir)], env=env,
                           capture_output=True, text=True, timeout=900)

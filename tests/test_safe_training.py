@@ -10,9 +10,11 @@ refit_every=10), base(rate))`` for every structure ``s`` and ``n`` in
 rate.
 
 One compiled program per (problem, base, structure, normalize) runs the
-three rates at once (``vmap`` over the rate; llqr's refit conditional then
-computes both branches at every step, which on these tiny models costs less
-than a compilation per rate), with XLA's optimisations off.
+three rates one after the other (the rate is an argument of the compiled
+program, not a constant in it), with XLA's optimisations off. Compiling is
+nearly all of a test's time; a ``vmap`` over the rates would compile once
+too, but traces twice the program (and turns llqr's refit conditional into
+both branches at every step).
 
 The autoencoder case of the issue (the MNIST-1D deep autoencoder, Kronecker
 ``U`` at damping 0.1 and 0.01, 16 chunks, refit every 10 steps, 5 PCG steps,
@@ -95,7 +97,8 @@ def final_losses(name, base, llqr_kwargs):
     return fn(mlp(p, x), y)
 
   with most_optimizations_disabled():
-    return np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(rates)))
+    compiled = jax.jit(run)
+    return np.asarray([compiled(jnp.float32(lr)) for lr in rates])
 
 
 @functools.lru_cache(maxsize=None)
