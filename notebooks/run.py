@@ -5,12 +5,16 @@ virtual environment and saves each, with its outputs (tables, figures), as
 ``notebooks/out/NAME.ipynb`` (git-ignored); the notebooks themselves stay
 without outputs. ``python notebooks/run.py quickstart`` runs one;
 ``python notebooks/run.py --clear`` strips the outputs of the notebooks here in
-place (before committing a notebook edited in Jupyter).
+place (before committing a notebook edited in Jupyter);
+``python notebooks/run.py second_order --figures notebooks/figures`` also
+writes each figure a notebook draws, as ``NAME_CELL.png`` (the README's
+picture of ρ over training comes from there).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import sys
 import tempfile
@@ -68,11 +72,27 @@ def clear(path: Path) -> bool:
   return changed
 
 
+def save_figures(nb: nbformat.NotebookNode, name: str, folder: Path) -> list:
+  """Writes each PNG output of the executed ``nb`` to ``folder`` as
+  ``{name}_{cell}.png`` (``cell``: the code cell's index); the paths."""
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for index, cell in enumerate(nb.cells):
+    for output in cell.get("outputs", []):
+      png = output.get("data", {}).get("image/png")
+      if png:
+        paths.append(folder / f"{name}_{index}.png")
+        paths[-1].write_bytes(base64.b64decode(png))
+  return paths
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("names", nargs="*", help="notebooks to run (default: all)")
   parser.add_argument("--out", type=Path, default=HERE / "out",
                       help="folder for the executed copies (default notebooks/out)")
+  parser.add_argument("--figures", type=Path, default=None,
+                      help="also write each figure drawn to this folder, as NAME_CELL.png")
   parser.add_argument("--clear", action="store_true",
                       help="strip the outputs of the notebooks in place instead")
   args = parser.parse_args(argv)
@@ -88,6 +108,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     nb = execute(path)
     nbformat.write(nb, args.out / path.name)
+    if args.figures is not None:
+      for figure in save_figures(nb, path.stem, args.figures):
+        print(f"  figure -> {figure}")
     print(f"{path.name}: {time.perf_counter() - start:.1f} s -> {args.out / path.name}",
           flush=True)
   print(f"all notebooks: {time.perf_counter() - total:.1f} s")

@@ -13,6 +13,7 @@ build run them in full.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -27,6 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = {"quickstart.ipynb", "exact_lqr.ipynb", "structures.ipynb", "second_order.ipynb"}
 CELL_TIMEOUT_S = 600  # a hang guard, not a performance bound
+#: Notebooks whose figures ``notebooks/run.py --figures`` must find (the
+#: README shows second_order's).
+DRAWS = {"second_order.ipynb", "structures.ipynb"}
+
+
+def _runner():
+  """``notebooks/run.py`` as a module."""
+  spec = importlib.util.spec_from_file_location("notebooks_run", ROOT / "notebooks" / "run.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_the_notebooks_are_there():
@@ -65,3 +77,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   prefix = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
   assert os.path.realpath(prefix) == os.path.realpath(sys.prefix), (
       f"the kernel ran in {prefix}, not in this environment ({sys.prefix})")
+  figures = _runner().save_figures(nb, path.stem, tmp_path / "figures")
+  if path.name in DRAWS:
+    assert figures, f"{path.name} drew no figure"
+  for figure in figures:
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
