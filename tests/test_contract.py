@@ -25,8 +25,6 @@ The model: 5-4-3, biases, batch 8. Its kernel ``l0.w`` has 20 elements, above
 dense ``U``.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -43,12 +41,10 @@ GEOMETRIES = ("ggn", "fisher", "empirical_fisher", "newton", "mc_fisher")
 #: The geometry of each structure's compiled run.
 COMPILED = {"scalar": "newton", "diagonal": "mc_fisher", "kronecker": "empirical_fisher",
             "ekfac": "fisher", "dense": "ggn", "auto": "ggn"}
+
+
 # Compilation is the compiled tier's cost; XLA's optimisations change nothing
-# checked here (see _fast_compiles).
-jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
+# checked here.
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
   with helpers.most_optimizations_disabled():
@@ -137,7 +133,7 @@ def test_compiled_steps_in_a_chain(structure):
   tx = optax.chain(make_llqr(structure, geometry), optax.adam(1e-2))
   traces = []
 
-  @jit
+  @jax.jit
   def step(params, state, x, y):
     traces.append(1)
     grads = jax.grad(lambda p: helpers.cross_entropy(mlp(p, x), y))(params)
@@ -147,7 +143,7 @@ def test_compiled_steps_in_a_chain(structure):
 
   params = init_params()
   first = tx.init(params)
-  assert_same_shapes_and_dtypes(jit(tx.init)(params), first)
+  assert_same_shapes_and_dtypes(jax.jit(tx.init)(params), first)
   state = first
   for t in range(STEPS):
     new_params, state, updates = step(params, state, *batch(t))

@@ -27,12 +27,6 @@ from llqr_optax.fitting import objective as objective_lib
 pytestmark = pytest.mark.x64  # float64 throughout (tests/conftest.py)
 CE, SE = "softmax_cross_entropy", "squared_error"
 
-# The checks below are about values, not speed: compile with XLA's backend
-# optimisations off, which cuts compilation (this module's main cost) by a
-# third or more on CPU.
-jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
 
 def init_mlp(key, sizes):
   """``helpers.mlp`` params: per layer a key split in two, for ``w`` and ``b``."""
@@ -40,7 +34,7 @@ def init_mlp(key, sizes):
   return helpers.mlp_params(sizes, [k[0] for k in keys], [k[1] for k in keys])
 
 
-dense_ggn_jit = jit(dense_ggn, static_argnums=(0, 2))
+dense_ggn_jit = jax.jit(dense_ggn, static_argnums=(0, 2))
 
 
 # --- a tiny MLP 6-8-5 and its problem ------------------------------------------
@@ -62,7 +56,7 @@ def tiny():
   y = jax.random.randint(ky, (24,), 0, 5)
   apply_fn = lambda p: mlp(p, x)
   size = 24 // CHUNKS
-  chunk_grad = jit(jax.vmap(
+  chunk_grad = jax.jit(jax.vmap(
       lambda xc, yc: ravel_pytree(jax.grad(lambda p: ce(mlp(p, xc), yc))(params))[0]))
   chunk_grads = chunk_grad(x.reshape(CHUNKS, size, 6), y.reshape(CHUNKS, size))
   n = ravel_pytree(params)[0].size
@@ -74,14 +68,14 @@ def tiny():
     return fitting.build_problem(apply_fn, params, y, loss=CE, damping=LAM,
                                  num_chunks=CHUNKS)
 
-  @jit
+  @jax.jit
   def basics(vs):
     prob, outputs, loss = problem()
     _, unravel = ravel_pytree(params)
     products = jax.vmap(lambda v: flat(prob.matvec(unravel(v))))(vs)
     return flat_samples(prob.grads), loss, ce(outputs, y), products
 
-  @jit
+  @jax.jit
   def library(states):
     """J, its samples, and per block: value, gradient, Hessian product, both
     from the library and from autodiff of ``lqr_objective``."""
@@ -214,7 +208,7 @@ def test_dense_structure_converges_to_the_damped_inverse():
                         structures.init(params, "dense"))
   assert isinstance(states, structures.DenseState)
   a_inv = jnp.linalg.inv(a)
-  run = jit(lambda s: fitting.cg_block(problem64, s, 0, 600))
+  run = jax.jit(lambda s: fitting.cg_block(problem64, s, 0, 600))
   errors, values = [], []
   for _ in range(5):
     states = run(states)
@@ -227,7 +221,7 @@ def test_dense_structure_converges_to_the_damped_inverse():
                                        problem64.grads))), rel=1e-9)
 
   # U g is the exact damped step, with the sign flipped.
-  g = jit(jax.grad(lambda p: se(apply_fn(p))))(params)
+  g = jax.jit(jax.grad(lambda p: se(apply_fn(p))))(params)
   step_solve = -jnp.linalg.solve(a, g)
   np.testing.assert_allclose(-(states.matrix @ g), step_solve, rtol=1e-6, atol=1e-12)
   u_g = structures.apply(states, g)  # applies in float32 arithmetic on g
@@ -236,12 +230,12 @@ def test_dense_structure_converges_to_the_damped_inverse():
     from llqr_optax import exact
   except ImportError:  # pragma: no cover - the reference lives in another module
     return
-  dense = jit(lambda p: exact.dense_step(apply_fn, p, y, loss=SE,
-                                             damping=DENSE_LAM))(params)
+  dense = jax.jit(lambda p: exact.dense_step(apply_fn, p, y, loss=SE,
+                                                 damping=DENSE_LAM))(params)
   np.testing.assert_allclose(-(states.matrix @ g), dense, rtol=1e-6, atol=1e-12)
   model = exact.Sequential((_layer0, _layer1))
-  riccati = jit(lambda p: exact.exact_step(model, [p[:12], p[12:]], x, y, loss=SE,
-                                               damping=DENSE_LAM))(params)
+  riccati = jax.jit(lambda p: exact.exact_step(model, [p[:12], p[12:]], x, y, loss=SE,
+                                                   damping=DENSE_LAM))(params)
   np.testing.assert_allclose(-(states.matrix @ g), jnp.concatenate(riccati),
                              rtol=1e-6, atol=1e-12)
 
@@ -264,7 +258,7 @@ def teacher_task():
     x = jax.random.normal(jax.random.key(100 + i), (RHO_BATCH, 8))
     return x, jnp.argmax(mlp(teacher, x), -1)
 
-  @functools.partial(jit, static_argnames="solver")
+  @functools.partial(jax.jit, static_argnames="solver")
   def refit_step(states, x, y, first, ema, solver="cg"):
     """One library refit on a batch; J before it, and the model's change."""
     problem, _, _ = fitting.build_problem(lambda p: mlp(p, x), params, y, loss=CE,
@@ -282,7 +276,7 @@ def teacher_task():
   # The fresh batch: its gradient g and damped curvature A, materialised.
   xf, yf = batch(999)
 
-  @jit
+  @jax.jit
   def fresh():
     g = ravel_pytree(jax.grad(lambda p: ce(mlp(p, xf), yf))(params))[0]
     a = dense_ggn(lambda p: mlp(p, xf), params, lambda z: ce(z, yf))
