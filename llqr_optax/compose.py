@@ -105,7 +105,9 @@ def precondition_base(base_optimizer: optax.GradientTransformation, *,
     for Geometry-Aware Optimization of Deep Networks*, arXiv:2605.04230 (2026)
     (``precond_on_update`` in the authors' code).
   """
-  llqr_kwargs.setdefault("floor", None)  # a step length may reverse the base's
+  # A step length may reverse the base's direction on the refit's samples;
+  # a U that reverses a whole leaf's samples is kept out (safety.accept_fit).
+  llqr_kwargs.setdefault("floor", None)
   llqr_tx = transform.scale_by_llqr(loss=loss, structure=structure,
                                     normalize=normalize, **llqr_kwargs)
   base = optax.with_extra_args_support(base_optimizer)

@@ -26,7 +26,15 @@ on who sets the step's length (``accept``):
   ``U x`` descends on average at some positive scale.
 
 A ``U`` that no positive scale makes descend (``a ≥ 0``) is kept out: the
-previous ``U`` stays. Every failed check counts in ``rejected_refits``.
+previous ``U`` stays. So is, under either check and where no ``floor``
+bounds ``U``'s scales, a ``U`` that turns some leaf's samples around,
+:math:`\sum_c x_c^\top U x_c < 0` over that leaf (``RefitResult.reverses``):
+it can lower ``J`` on the refit's own samples (at a converged loss the base's
+direction ``x_c`` may point against the noise ``g_c``, and the fitted scale
+comes out negative), but it would reverse the leaf's later steps; in
+``precondition_base(adam)`` on optax's mixed contract target, one such fit (a
+scalar ``U`` of −28) threw a converged coordinate from 2 to −34.
+Every failed check counts in ``rejected_refits``.
 
 **Guard** (:func:`guard_check`). ``J`` is the model of one step of ``−U g``;
 it cannot see what the next transform does with ``U g`` (Adam normalises each
@@ -129,8 +137,9 @@ def accept_fit(result: RefitResult, accept: str = "scale"
     ``(result, failed, keep_old)``: the result, with ``U`` scaled by ``s*``
     where it was (its ``objective`` and ``norm_ratio`` follow; ``step`` and
     ``predicted``, best-scaled already, do not move); whether the check
-    failed; and whether no positive scale makes ``U`` descend (``a ≥ 0``), so
-    that the previous ``U`` must stay.
+    failed; and whether no positive scale makes ``U`` descend (``a ≥ 0``) or
+    ``U`` turns some leaf's samples around (``result.reverses``), so that the
+    previous ``U`` must stay.
 
   Example:
     >>> import jax.numpy as jnp
@@ -149,10 +158,10 @@ def accept_fit(result: RefitResult, accept: str = "scale"
     raise ValueError(f"accept={accept!r} is unknown; choose one of {list(ACCEPT)}.")
   a = result.linear
   b = result.objective - a
-  descends = a < 0
+  descends = (a < 0) & ~jnp.asarray(result.reverses)
   if accept == "direction":
     return result, ~descends, ~descends
-  failed = ~(result.objective < 0)
+  failed = ~(result.objective < 0) | ~descends
   shrink = failed & descends & (b > 0)
   s = jnp.where(shrink, -a / jnp.where(shrink, 2 * b, 1.0), 1.0)
   states = structures.map_states(lambda cls, st: cls.scale(st, s), result.states)

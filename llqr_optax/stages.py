@@ -328,6 +328,10 @@ def refit_state(options: Options, state: LLQRState, batch: Batch,
   new_damping = jnp.where(jnp.asarray(options.adapt_damping),
                           damping_lib.levenberg_marquardt(state.damping, ratio),
                           state.damping)
+  if options.floor is not None:
+    # The floor raises the scales it bounds to at least floor > 0 after the
+    # check: nothing it bounds can reverse, so the check is the floor's.
+    result = result._replace(reverses=jnp.bool_(False))
   result, rejected, keep_old = safety.accept_fit(result, options.accept)
   scale = jnp.where(jnp.asarray(options.normalize), result.norm_ratio, 1.0)
   states = (result.states if options.floor is None

@@ -100,7 +100,7 @@ def test_products_per_fit_counts_curvature_products():
       lambda p: jax.random.normal(jax.random.PRNGKey(0), (n_c,) + p.shape), params)
 
   def matvec(v):
-    # One call is one sample's product (fitting.map_samples' loop, on CPU)
+    # One call is one sample's product (the refit's loop over samples, on CPU)
     # or n_c of them (vmap: the call sees batch tracers).
     calls.append(n_c if isinstance(jax.tree.leaves(v)[0], jax.core.Tracer) else 1)
     return jax.tree.map(lambda x: 2.0 * x, v)

@@ -67,6 +67,30 @@ def test_a_u_that_climbs_at_every_scale_is_kept_out(accept):
   assert bool(failed) and bool(keep_old)
 
 
+@pytest.mark.parametrize("accept", safety.ACCEPT)
+def test_a_u_that_reverses_a_leaf_is_kept_out(accept):
+  """Scalar ``U`` on two leaves, ``A = 2I``, two samples of the base's
+  direction ``x_c``: on leaf ``a`` it points against the gradient (as the
+  base's direction may at a converged loss), so the fit that lowers ``J``
+  most is a negative scale there. ``J`` and its first-order part are
+  negative, yet that ``U`` would send leaf ``a``'s later steps uphill: kept
+  out."""
+  grads = {"a": jnp.array([[1.0, 0.0], [0.0, 1.0]]), "b": jnp.array([[2.0, 0.0], [0.0, 2.0]])}
+  inputs = {"a": -0.1 * grads["a"], "b": grads["b"]}
+  problem = fitting.Problem(grads, lambda v: jax.tree.map(lambda x: 2.0 * x, v), inputs)
+  start = structures.init({"a": jnp.ones(2), "b": jnp.ones(2)}, "scalar")
+  result = fitting.refit(problem, start, steps=5, ema=0.0)
+  assert float(result.states["a"].scale) < 0 < float(result.states["b"].scale)
+  assert float(result.objective) < 0 and float(result.linear) < 0
+  assert bool(result.reverses)
+  _, failed, keep_old = safety.accept_fit(result, accept)
+  assert bool(failed) and bool(keep_old)
+  # The same fit without the reversed leaf passes.
+  kept = fitting.refit(problem._replace(inputs=dict(inputs, a=grads["a"])), start,
+                       steps=5, ema=0.0)
+  assert not bool(kept.reverses) and not bool(safety.accept_fit(kept, accept)[2])
+
+
 def test_accept_fit_names_an_unknown_check():
   with pytest.raises(ValueError, match="accept='size'.*'scale', 'direction'"):
     safety.accept_fit(result_of([1.0, 1.0]), "size")

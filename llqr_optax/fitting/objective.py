@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from llqr_optax import structures
-from llqr_optax._samples import map_samples
+from llqr_optax._samples import map_products, map_samples
 from llqr_optax.fitting.problem import Problem
 
 PyTree = Any
@@ -128,7 +128,7 @@ def evaluate(problem: Problem, states: PyTree) -> Tuple[jax.Array, PyTree, PyTre
     (0.0, [[2.0, 0.0], [0.0, 4.0]])
   """
   u = precondition_samples(states, problem.samples)
-  au = map_samples(problem.matvec, u)
+  au = map_products(problem.matvec, u)
   half = jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)
   return tree_vdot(u, half) / _num_samples(problem), u, au
 
@@ -204,7 +204,7 @@ def block_value_grad_products(problem: Problem, states: PyTree, k: int,
   n = _num_samples(problem)
   u, pullback = jax.vjp(
       lambda b: precondition_samples(merge_block(states, k, b), problem.samples), block)
-  au = map_samples(problem.matvec, u)
+  au = map_products(problem.matvec, u)
   value = tree_vdot(u, jax.tree.map(lambda a, g: 0.5 * a - g, au, problem.grads)) / n
   grad = pullback(jax.tree.map(lambda a, g: (a - g) / n, au, problem.grads))[0]
   return value, grad, au
@@ -228,5 +228,5 @@ def block_hvp_products(problem: Problem, states: PyTree, k: int,
   block = split_block(states, k)
   _, u = jax.jvp(fn, (block,), (direction,))
   _, pullback = jax.vjp(fn, block)
-  au = map_samples(problem.matvec, u)
+  au = map_products(problem.matvec, u)
   return pullback(jax.tree.map(lambda a: a / n, au))[0], au

@@ -18,7 +18,7 @@ import numpy as np
 from llqr_optax import geometry as geometry_lib
 from llqr_optax import losses as losses_lib
 from llqr_optax import sharding
-from llqr_optax._samples import map_samples
+from llqr_optax._samples import map_products
 
 PyTree = Any
 
@@ -265,7 +265,7 @@ def build_problem(apply_fn: Callable[[PyTree], jax.Array], params: PyTree,
   size = outputs.shape[0] // num_chunks
 
   cotangents = _chunk_cotangents(loss.fn, outputs, targets, num_chunks, size)
-  grads = _to_f32(map_samples(lin.vjp, cotangents))
+  grads = _to_f32(map_products(lin.vjp, cotangents))
   dtypes = jax.tree.map(lambda p: p.dtype, params)
 
   def curvature(v):

@@ -37,6 +37,9 @@ class RefitResult(NamedTuple):
     linear: ``−(1/n_c) Σ_c g_cᵀ U x_c``, the first-order part of
       ``objective`` (the rest, ``objective − linear``, is the second-order
       part): ``J(sU) = s·linear + s²·(objective − linear)``.
+    reverses: whether ``U`` turns some leaf's samples around,
+      ``Σ_c x_cᵀ (U x_c) < 0`` summed over that leaf's entries: ``U`` is not
+      positive there, and would send the later steps of that leaf uphill.
 
   Example:
     >>> import jax.numpy as jnp
@@ -53,6 +56,7 @@ class RefitResult(NamedTuple):
   predicted: jax.Array
   norm_ratio: jax.Array
   linear: jax.Array
+  reverses: Any = False
 
 
 def _ema_fitted(old: PyTree, new: PyTree, beta) -> PyTree:
@@ -153,4 +157,6 @@ def refit(problem: Problem, states: PyTree, *, steps: int, solver: str = "pcg",
   uu = obj.tree_vdot(u, u)
   xx = obj.tree_vdot(problem.samples, problem.samples)
   norm_ratio = jnp.sqrt(xx / jnp.where(uu > 0, uu, 1.0))
-  return RefitResult(new, value, step, predicted, norm_ratio, linear)
+  reverses = jnp.any(jnp.stack([jnp.sum(x * v) < 0 for x, v in zip(
+      jax.tree.leaves(problem.samples), jax.tree.leaves(u))] or [jnp.bool_(False)]))
+  return RefitResult(new, value, step, predicted, norm_ratio, linear, reverses)
