@@ -22,6 +22,7 @@ of the inner solvers and of CG with a fixed budget.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -113,6 +114,25 @@ def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
 #: longer ones loop.
 UNROLL_MAX = 8
 
+#: On CPU, whether an inner loop whose body holds no convolution loops (one
+#: copy of the body to compile); :func:`unrolled` sets it ``False`` for a
+#: trace.
+LOOP_PLAIN_BODIES = True
+
+
+@contextlib.contextmanager
+def unrolled():
+  """Inner loops of at most :data:`UNROLL_MAX` steps traced inside are
+  unrolled, with or without convolutions: XLA's counts of a compiled
+  program's work (``cost_analysis``, its collectives) see a loop's body
+  once, an unrolled body at every step (``benchmarks/scaling`` reads them)."""
+  global LOOP_PLAIN_BODIES
+  previous, LOOP_PLAIN_BODIES = LOOP_PLAIN_BODIES, False
+  try:
+    yield
+  finally:
+    LOOP_PLAIN_BODIES = previous
+
 
 def _holds_convolutions(jaxpr) -> bool:
   """Whether ``jaxpr``, or a jaxpr nested in it, holds a convolution."""
@@ -140,7 +160,8 @@ def repeat(steps: int, body, carry):
   """
   if isinstance(steps, jax.core.Tracer) or int(steps) > UNROLL_MAX:
     return jax.lax.fori_loop(0, steps, canonical_convolutions(body), carry)
-  if (int(steps) > 1 and jax.default_backend() == "cpu" and not jax.config.jax_disable_jit
+  if (int(steps) > 1 and LOOP_PLAIN_BODIES and jax.default_backend() == "cpu"
+      and not jax.config.jax_disable_jit
       and not _holds_convolutions(jax.make_jaxpr(body)(jnp.int32(0), carry).jaxpr)):
     return jax.lax.fori_loop(0, int(steps), body, carry)
   for i in range(int(steps)):

@@ -169,9 +169,16 @@ def _step(model, structure, **kw):
   import optax
   import llqr_optax
   from benchmarks.common import train_step
+  from llqr_optax import _conv_layout
   tx = optax.chain(llqr_optax.llqr(loss="softmax_cross_entropy", structure=structure, **kw),
                    optax.adam(1e-3))
-  return tx, train_step(model, tx, True)
+  step = train_step(model, tx, True)
+
+  def unrolled_step(*args, **kwargs):
+    # Traced with the inner solver unrolled: XLA counts a loop's body once.
+    with _conv_layout.unrolled():
+      return step(*args, **kwargs)
+  return tx, unrolled_step
 
 
 def check_model(model, x, y, shapes, first, attention, structure, opts) -> Dict[str, Any]:
