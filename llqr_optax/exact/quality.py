@@ -109,7 +109,7 @@ def cg(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, tol: Optional[float] 
   Runs until :math:`\lVert A x - b \rVert \le \text{tol}\, \lVert b \rVert` or
   ``max_steps`` (a ``lax.while_loop``); with ``tol=None``, exactly
   ``max_steps`` iterations (a training step's fixed budget), unrolled up to
-  8 and looped beyond. With ``per_leaf``,
+  8 around convolutions (on CPU) and looped otherwise. With ``per_leaf``,
   ``A`` is taken as block diagonal over the leaves and each leaf runs its own
   CG (its own step lengths) in the same loop; the residual is then the
   largest leaf's. A direction of zero curvature (converged) leaves ``x`` as it is.

@@ -57,7 +57,7 @@ def scale_by_exact_step(*, loss: losses_lib.LossLike,
   the model like :func:`~llqr_optax.scale_by_llqr` (``apply_fn(params)``
   closing over the batch's inputs, ``targets`` its labels) and returns
   :math:`u \approx (C + \lambda I)^{-1} g` after ``cg_steps`` iterations
-  (unrolled: a step costs a forward pass and ``cg_steps`` curvature products,
+  (a step costs a forward pass and ``cg_steps`` curvature products,
   ``cg_steps · P`` with ``per_leaf`` and ``P`` leaves). A non-finite gradient
   or solution gives a zero update, counted.
 
