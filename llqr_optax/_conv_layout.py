@@ -142,8 +142,8 @@ def _holds_convolutions(jaxpr) -> bool:
 
 
 def repeat(steps: int, body, carry):
-  """``body`` applied ``steps`` times: unrolled up to :data:`UNROLL_MAX` steps,
-  a ``lax.fori_loop`` beyond.
+  """``body`` applied ``steps`` times: a ``lax.fori_loop``, or unrolled where
+  the body holds convolutions (on CPU, up to :data:`UNROLL_MAX` steps).
 
   On CPU, a body without convolutions loops: one copy of it to compile (the
   body is traced once more to look). A body with convolutions is unrolled,

@@ -11,9 +11,10 @@ there, so the refit maps and reduces over that axis through these functions:
   :func:`map_products` loops over the samples when the product holds a
   convolution or a batched matrix product, and batches them (``vmap``)
   otherwise. Measured on JAX 0.10.2 (one Kronecker refit step before Adam,
-  batch 128, medians of 7): batched, a refit step took 1.02-1.13x the loop's
-  time on the 1-D ResNets and 1.66x on the char Transformer, but 0.48-1.01x
-  on tanh MLPs 40-w-w-10 (w from 8 to 512), which also compile faster;
+  batch 128, medians of 7): with every map batched, a refit step took
+  1.02-1.13x the loop's time on the 1-D ResNets and 1.66x on the char
+  Transformer; with the products alone batched, 0.74-1.08x on tanh MLPs
+  40-w-w-10 (w from 8 to 1024), compiling 5-26% faster;
 - a sum over a short leading axis of a large array (``(4, 1024, 1024)``) runs
   about 50x slower than the sum of its slices (0.8 ms against 50-80 ms on this
   project's 2-core CPU), and autodiff produces exactly such sums when it
