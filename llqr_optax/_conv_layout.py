@@ -134,11 +134,22 @@ def unrolled():
     LOOP_PLAIN_BODIES = previous
 
 
+def holds(jaxpr, is_wanted: Callable[[Any], bool]) -> bool:
+  """Whether ``jaxpr``, or a jaxpr nested in it, holds an equation
+  ``is_wanted`` accepts."""
+  return any(is_wanted(eqn) or any(holds(sub, is_wanted)
+                                   for sub in jcore.jaxprs_in_params(eqn.params))
+             for eqn in jaxpr.eqns)
+
+
+def is_convolution(eqn) -> bool:
+  """Whether a jaxpr equation is a convolution."""
+  return eqn.primitive is lax.conv_general_dilated_p
+
+
 def _holds_convolutions(jaxpr) -> bool:
   """Whether ``jaxpr``, or a jaxpr nested in it, holds a convolution."""
-  return any(eqn.primitive is lax.conv_general_dilated_p
-             or any(_holds_convolutions(sub) for sub in jcore.jaxprs_in_params(eqn.params))
-             for eqn in jaxpr.eqns)
+  return holds(jaxpr, is_convolution)
 
 
 def repeat(steps: int, body, carry):

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from llqr_optax._conv_layout import holds, is_convolution
+
 PyTree = Any
 
 #: The most samples mapped by a loop (on CPU) or summed slice by slice.
@@ -62,18 +64,12 @@ def map_samples(fn: Callable[[PyTree], PyTree], samples: PyTree) -> PyTree:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
-def _batches_slowly(jaxpr: jcore.Jaxpr) -> bool:
-  """Whether ``jaxpr`` (or one nested in it) holds a convolution or a matrix
-  product with batch axes: the ops XLA:CPU runs slower batched over the
-  samples than one sample at a time."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive is lax.conv_general_dilated_p:
-      return True
-    if eqn.primitive is lax.dot_general_p and eqn.params["dimension_numbers"][1][0]:
-      return True
-    if any(_batches_slowly(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
-      return True
-  return False
+def _batches_slowly(eqn) -> bool:
+  """Whether a jaxpr equation is a convolution or a matrix product with batch
+  axes: the ops XLA:CPU runs slower batched over the samples than one sample
+  at a time."""
+  return is_convolution(eqn) or (eqn.primitive is lax.dot_general_p
+                                 and bool(eqn.params["dimension_numbers"][1][0]))
 
 
 def map_products(fn: Callable[[PyTree], PyTree], samples: PyTree) -> PyTree:
@@ -99,7 +95,7 @@ def map_products(fn: Callable[[PyTree], PyTree], samples: PyTree) -> PyTree:
   leaves = jax.tree.leaves(samples)
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(
       jax.tree.map(lambda x: x[0], samples))
-  if _batches_slowly(closed.jaxpr):
+  if holds(closed.jaxpr, _batches_slowly):
     return map_samples(fn, samples)
   outs = jax.vmap(jcore.jaxpr_as_fun(closed))(*leaves)
   return jax.tree.unflatten(jax.tree.structure(shapes), outs)
